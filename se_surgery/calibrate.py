@@ -9,6 +9,7 @@ gathered and merged in rank order, so every rank ends with the statistics of all
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -193,6 +194,11 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                 f"calibration data than on example_inputs."
             )
         std = obs.moments.std
+        if eq.per_channel and (std > 0).any() and (std == 0).any():
+            # Constant channels (dead ReLUs) are common; (x - mean) maps them to 0 whatever the std.
+            warnings.warn(f"se_surgery: site {eq.site.name}: {int((std == 0).sum())} of {std.numel()} channels are "
+                          f"constant on the calibration data; their std is set to 1.", stacklevel=3)
+            std = torch.where(std == 0, torch.ones_like(std), std)
         if (std == 0).any():
             raise CalibrationError(
                 f"site {eq.site.name} has zero variance on the calibration data (a dead branch: its input is "

@@ -1,0 +1,225 @@
+"""Behaviour of equalize/calibrate beyond the zoo sweep: training semantics, numerics, errors, preserve_function."""
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import se_surgery as se
+from se_surgery.calibrate import RunningMoments
+from zoo import batches, build, call, inputs
+
+
+def _eq(name, **kw):
+    return se.equalize(build(name), inputs(name, torch.randn(2, 3, 128, 128)), batches(name), progress=False, **kw)
+
+
+def test_running_moments_match_numpy_on_a_large_badly_offset_input():
+    gen = np.random.default_rng(0)
+    chunks = [1e6 + gen.standard_normal(size) * 1e-2 for size in (10, 100_000, 3, 250_000, 1, 40_000)]
+    moments = RunningMoments()
+    for c in chunks:
+        moments.update(torch.from_numpy(c))
+    everything = np.concatenate(chunks)
+    assert moments.count == everything.size
+    assert moments.mean.item() == pytest.approx(everything.mean(), rel=1e-15, abs=1e-9)
+    assert moments.std.item() == pytest.approx(everything.std(), rel=1e-9)
+    # Per channel (dim 1 kept) equals numpy over the other axes.
+    x = gen.standard_normal((20, 3, 7, 5)) * np.array([1, 10, 100])[None, :, None, None] + 5
+    per = RunningMoments(dims=(0, 2, 3))
+    for part in np.split(x, 4):
+        per.update(torch.from_numpy(part))
+    np.testing.assert_allclose(per.mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(per.std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_train_eval_state_dict_and_inplace():
+    model = build("smp_PSPNet")
+    eq = se.equalize(model, (torch.randn(2, 3, 128, 128),), batches("smp_PSPNet"), progress=False)
+    # .train()/.eval() switch BatchNorm/Dropout: two train-mode calls on the same input differ only in BN stats use.
+    x = torch.randn(2, 3, 128, 128)
+    eq.eval()
+    with torch.no_grad():
+        a, b = eq(x), eq(x)
+    assert torch.equal(a, b)
+    eq.train()
+    bn = next(m for m in eq.modules() if isinstance(m, nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    eq(x)
+    assert not torch.equal(before, bn.running_mean)
+    # state_dict round-trips into a fresh equalized copy, statistics included.
+    fresh = se.equalize(build("smp_PSPNet", seed=5), (x,), progress=False)
+    assert not any(e.is_calibrated for e in se.equalizers(fresh))
+    fresh.load_state_dict(eq.state_dict())
+    assert all(e.is_calibrated for e in se.equalizers(fresh))
+    eq.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(eq(x), fresh(x))
+    # Whole-model save/load (pickle) and deepcopy keep the equalizers working.
+    buffer = io.BytesIO()
+    torch.save(eq, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), eq(x))
+        assert torch.equal(copy.deepcopy(eq)(x), eq(x))
+    # inplace=True edits and returns the caller's model.
+    same = se.equalize(model, (x,), batches("smp_PSPNet"), inplace=True, progress=False)
+    assert same is model and len(list(se.equalizers(model))) == 4
+
+
+def test_equalizing_twice_adds_nothing():
+    eq = _eq("smp_DeepLabV3Plus")
+    with pytest.warns(UserWarning, match="already equalized"):
+        again = se.equalize(eq, (torch.randn(2, 3, 128, 128),), progress=False)
+    assert again.state_dict().keys() == eq.state_dict().keys()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(again(x), eq(x))
+
+
+def test_uncalibrated_equalizers_refuse_to_run_then_calibrate_fixes_it():
+    eq = se.equalize(build("smp_FPN"), (torch.randn(2, 3, 128, 128),), progress=False)
+    eq.train()
+    with pytest.raises(RuntimeError, match="not calibrated.*se_surgery.calibrate"):
+        eq(torch.randn(2, 3, 128, 128))
+    assert eq.training  # calibration below restores the caller's mode
+    se.calibrate(eq, iter(batches("smp_FPN")), progress=False)  # a one-shot iterator is fine
+    assert eq.training and all(e.is_calibrated for e in se.equalizers(eq))
+    eq(torch.randn(2, 3, 128, 128)).mean().backward()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    eq = _eq("smp_PSPNet")
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = eq(x)
+        compiled = torch.compile(eq, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected)
+
+
+def test_per_channel_and_all_branches():
+    name = "smp_UPerNet"
+    with pytest.warns(UserWarning, match="channels are constant"):
+        eq = _eq(name, per_channel=True, branches="all")
+    found = list(se.equalizers(eq))
+    upsampled = [e for e in found if e.site.kind == "upsample"]
+    others = [e for e in found if e.site.kind == "branch"]
+    assert len(upsampled) == 9
+    # The other inputs: the PPM's own map and its 6-bin branch (resized *down* at 128 px, so not a site) (2), the
+    # three laterals added to upsampled maps (3), and the finest FPN output in the fusion concat (1).
+    assert len(others) == 6, se.describe(eq)
+    assert all(e.mean.shape == (e.site.shape[1],) for e in found)
+    for e in found:
+        outs = []
+        hook = e.register_forward_hook(lambda m, i, o: outs.append(o.double().transpose(0, 1).flatten(1)))
+        with torch.no_grad():
+            for (x,) in batches(name):
+                eq(x)
+        hook.remove()
+        per = torch.cat(outs, 1)
+        std = per.std(1, unbiased=False)
+        live = std > 1e-6  # constant (dead) channels come out as 0
+        assert per.mean(1).abs().max() < 1e-4 and (std[live] - 1).abs().max() < 1e-4, e.site.name
+        assert live.float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["tv_deeplabv3", "tv_lraspp", "smp_PSPNet", "hf_segformer"])
+def test_preserve_function_is_exact_where_the_consumer_is_unpadded(name):
+    model = build(name)
+    eq = _eq(name, preserve_function=True)
+    assert all(e.compensation.startswith("exact") for e in se.equalizers(eq)), se.describe(eq)
+    assert eq.state_dict().keys() - model.state_dict().keys() == {
+        k for k in eq.state_dict() if k.startswith("scale_equalizers.")}
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref, out = call(model, name, x), call(eq, name, x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # ...while the equalizers are really there and standardize their branch.
+    assert all(e.is_calibrated and e.std.item() != 1 for e in se.equalizers(eq))
+
+
+def test_preserve_function_reports_sites_it_cannot_keep():
+    name = "smp_UPerNet"  # top-down additions and a 3x3 zero-padded fusion conv
+    with pytest.warns(UserWarning, match="could not keep the function exactly") as record:
+        eq = _eq(name, preserve_function=True)
+    reasons = {e.site.name: e.compensation for e in se.equalizers(eq)}
+    assert any("zero-padded" in r for r in reasons.values())
+    assert any(r.startswith("not possible") for r in reasons.values())
+    assert eq._se_output_change > 0
+    assert "moved the output" in se.describe(eq) and "relative" in str(record[0].message)
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 4, 3, padding=1)
+        self.coarse = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fuse = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        up = F.interpolate(self.coarse(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([torch.relu(self.fine(x)), up], 1))
+
+
+def test_bad_calibration_data_gets_errors_that_name_the_site():
+    x = torch.randn(2, 3, 32, 32)
+    model = _TwoBranch()
+    with pytest.raises(se.CalibrationError, match="no batches"):
+        se.equalize(model, (x,), [], progress=False)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0.*NaN or Inf.*batch 1"):
+        se.equalize(model, (x,), [x, bad], progress=False)
+    with pytest.raises(se.CalibrationError, match=r"batch 0 is a tuple of 2 items.*1 positional"):
+        se.equalize(model, (x,), [(x, torch.zeros(2))], progress=False)
+    with pytest.raises(se.CalibrationError, match="keyword"):
+        se.equalize(build("hf_segformer"), {"pixel_values": x[:, :, :32, :32].repeat(1, 1, 2, 2)}, [x],
+                    progress=False)
+    dead = _TwoBranch()
+    nn.init.zeros_(dead.coarse.weight), nn.init.zeros_(dead.coarse.bias)
+    with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0 has zero variance.*dead branch"):
+        se.equalize(dead, (x,), [x], progress=False)
+    assert not list(se.equalizers(model))  # the caller's model was never touched
+
+
+def test_rule_cases_on_hand_written_modules():
+    class Cases(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, a, b):
+            logits = F.interpolate(a, scale_factor=2, mode="bilinear")           # output only: no site
+            near = F.interpolate(b, scale_factor=2, mode="nearest")             # nearest: no site
+            lin = self.conv(self.up(b))                                         # linear, then a sum: site
+            act = torch.relu(F.interpolate(b, scale_factor=2, mode="bilinear"))  # nonlinear before the sum: no
+            return logits, near + lin + act
+
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    sites = se.find_sites(torch.export.export(Cases(), (a, b), strict=False))
+    assert [s.name for s in sites] == ["up.call0_resize0"]
+    assert sites[0].fusion == "add" and sites[0].factor == 2
+
+
+def test_shared_upsample_module_gets_one_equalizer_per_call():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+
+        def forward(self, a, b):
+            return torch.cat([self.up(a), self.up(b), F.avg_pool2d(a, 1).repeat(1, 1, 2, 2)], 1)
+
+    a, b = torch.randn(2, 2, 4, 4), 10 * torch.randn(2, 2, 4, 4)
+    eq = se.equalize(Shared(), (a, b), [(a, b)], progress=False)
+    names = sorted(e.site.name for e in se.equalizers(eq))
+    assert names == ["up.call0_resize0", "up.call1_resize0"]
+    stds = sorted(e.std.item() for e in se.equalizers(eq))
+    assert stds[1] > 5 * stds[0]  # the second call's input is ten times larger: its own statistics
