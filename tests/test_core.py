@@ -2,17 +2,16 @@
 
 import copy
 import io
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import batches, build, call, inputs
 
 import se_surgery as se
 from se_surgery.calibrate import RunningMoments
-from zoo import batches, build, call, inputs
 
 
 def _eq(name, **kw):

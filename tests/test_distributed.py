@@ -6,9 +6,9 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from zoo import batches, build
 
 import se_surgery as se
-from zoo import batches, build
 
 
 def _free_port() -> int:

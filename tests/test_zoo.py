@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from zoo import BUILDERS, HF, SITES, batches, build, call, inputs
 
 import se_surgery as se
 from se_surgery.calibrate import RunningMoments
-from zoo import BUILDERS, HF, SITES, batches, build, call, inputs
 
 
 def _equalized(name):

@@ -5,11 +5,19 @@ Counts hold for 2x3x128x128 inputs (64 px is too small for smp's output stride 3
 
 from __future__ import annotations
 
+import segmentation_models_pytorch as smp
 import torch
 import torchvision.models.segmentation as tvs
-import segmentation_models_pytorch as smp
-from transformers import (ConvNextConfig, DPTConfig, DPTForSemanticSegmentation, SegformerConfig,
-                          SegformerForSemanticSegmentation, SwinConfig, UperNetConfig, UperNetForSemanticSegmentation)
+from transformers import (
+    ConvNextConfig,
+    DPTConfig,
+    DPTForSemanticSegmentation,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SwinConfig,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
 
 SIZE = 128
 LEVELS = ["stage1", "stage2", "stage3", "stage4"]
