@@ -4,11 +4,14 @@ from .calibrate import CalibrationError, calibrate
 from .capture import CaptureError
 from .equalizer import ScaleEqualizer, equalizers
 from .find import Consumer, Site, find_sites
+from .fold import FoldStep, fold
 from .insert import SiteMismatchError, equalize
+from .onnx import FoldReport, OnnxError, export_onnx, fold_onnx
 from .report import describe
 
 __all__ = [
-    "CalibrationError", "CaptureError", "Consumer", "ScaleEqualizer", "Site", "SiteMismatchError", "calibrate",
-    "describe", "equalize", "equalizers", "find_sites",
+    "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "OnnxError", "ScaleEqualizer", "Site",
+    "SiteMismatchError", "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold",
+    "fold_onnx",
 ]
 __version__ = "0.1.0"

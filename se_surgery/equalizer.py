@@ -209,6 +209,31 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False) -> li
     return added
 
 
+def remove_equalizer(model: nn.Module, equalizer: ScaleEqualizer) -> None:
+    """Take one equalizer out; when none is left, the hooks go too and the model is as it was."""
+    site = equalizer.site
+    owner = model.get_submodule(site.owner)
+    del owner._se_equalizers[site.key]
+    del model.scale_equalizers[site.name.replace(".", "_")]
+    if not owner._se_equalizers:
+        _unhook(owner, _enter_owner, _leave_owner)
+        for attr in ("_se_equalizers", "_se_owner_state", "_se_owner_path", "_se_modes"):
+            delattr(owner, attr)
+    if not len(model.scale_equalizers):
+        _unhook(model, _enter_model, _leave_model)
+        del model.scale_equalizers
+        for attr in ("_se_state", "_se_input_form"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+
+
+def _unhook(module: nn.Module, pre, post) -> None:
+    for hooks, fn in ((module._forward_pre_hooks, pre), (module._forward_hooks, post)):
+        for handle_id in [k for k, h in hooks.items() if h is fn]:
+            del hooks[handle_id]
+            module._forward_hooks_always_called.pop(handle_id, None)
+
+
 def equalizers(model: nn.Module) -> Iterator[ScaleEqualizer]:
     """The model's equalizers, in module order."""
     return (m for m in model.modules() if isinstance(m, ScaleEqualizer))
