@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import BUILDERS, SITES, batches, build, call, inputs
 
 import se_surgery as se
-from zoo import BUILDERS, SITES, batches, build, call, inputs
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 EQUALIZED = sorted(n for n in BUILDERS if SITES[n])
