@@ -9,6 +9,7 @@ gathered and merged in rank order, so every rank ends with the statistics of all
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -38,7 +39,7 @@ class RunningMoments:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float64)
         dims = self.dims if self.dims is not None else tuple(range(x.dim()))
-        n = x.numel() // max(1, _prod(x.shape[d] for d in range(x.dim()) if d not in dims))
+        n = math.prod(x.shape[d] for d in dims)
         mean = x.mean(dim=dims)
         m2 = ((x - mean.view(_keep(x, dims))) ** 2).sum(dim=dims)
         self.merge(n, mean, m2)
@@ -80,13 +81,6 @@ class RunningMoments:
     @property
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count).sqrt()
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def _keep(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, ...]:
