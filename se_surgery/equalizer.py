@@ -197,7 +197,7 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False) -> li
             owner.register_forward_hook(_leave_owner, always_call=True)
         if site.key in owner._se_equalizers:
             continue
-        name = site.name.replace(".", "_")
+        name = site.module_name
         if name in model.scale_equalizers:
             raise ValueError(f"two sites map to the equalizer name {name!r}; rename one of the modules.")
         equalizer = ScaleEqualizer(site.shape[1] if len(site.shape) > 1 else 1, per_channel, site)
@@ -214,7 +214,7 @@ def remove_equalizer(model: nn.Module, equalizer: ScaleEqualizer) -> None:
     site = equalizer.site
     owner = model.get_submodule(site.owner)
     del owner._se_equalizers[site.key]
-    del model.scale_equalizers[site.name.replace(".", "_")]
+    del model.scale_equalizers[site.module_name]
     if not owner._se_equalizers:
         _unhook(owner, _enter_owner, _leave_owner)
         for attr in ("_se_equalizers", "_se_owner_state", "_se_owner_path", "_se_modes"):

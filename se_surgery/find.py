@@ -92,6 +92,11 @@ class Site:
         return f"{self.owner or 'model'}.{self.key}"
 
     @property
+    def module_name(self) -> str:
+        """The equalizer's key in ``model.scale_equalizers`` (ModuleDict keys cannot hold dots)."""
+        return self.name.replace(".", "_")
+
+    @property
     def factor(self) -> float | None:
         if self.in_size is None:
             return None
@@ -129,10 +134,6 @@ def _source(node: Node) -> str:
 def _spatial(node: Node) -> tuple[int, ...]:
     val = node.meta.get("val")
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
-
-
-def _tensor_inputs(node: Node) -> list[Node]:
-    return [a for a in node.all_input_nodes]
 
 
 def _data_dependent(graph: torch.fx.Graph, user_inputs: set[str]) -> set[Node]:

@@ -403,7 +403,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
             _torch_export(model, args, kwargs, raw, dynamic_spatial)
             unfolded = _load(raw)
             unfolded.metadata_props[METADATA_KEY] = json.dumps(
-                {f"scale_equalizers.{eq.site.name.replace('.', '_')}.{part}": eq.site.name
+                {f"scale_equalizers.{eq.site.module_name}.{part}": eq.site.name
                  for eq in equalizers(model) for part in ("mean", "std")})
             folded = ir.from_proto(ir.to_proto(unfolded))
             report = FoldReport(folds=fold_graph(folded) if fold else [], nodes_before=len(list(unfolded.graph)),
