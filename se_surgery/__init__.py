@@ -7,11 +7,11 @@ from .find import Consumer, Site, find_sites
 from .fold import FoldStep, fold
 from .insert import SiteMismatchError, equalize
 from .onnx import FoldReport, OnnxError, export_onnx, fold_onnx
-from .report import describe
+from .report import BranchScale, ScaleReport, describe, scale_report
 
 __all__ = [
-    "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "OnnxError", "ScaleEqualizer", "Site",
-    "SiteMismatchError", "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold",
-    "fold_onnx",
+    "BranchScale", "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "OnnxError",
+    "ScaleEqualizer", "ScaleReport", "Site", "SiteMismatchError", "calibrate", "describe", "equalize", "equalizers",
+    "export_onnx", "find_sites", "fold", "fold_onnx", "scale_report",
 ]
 __version__ = "0.1.0"

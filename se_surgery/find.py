@@ -78,6 +78,7 @@ class Site:
     consumer: Consumer | None
     source: str                 # file:line of the call, from the graph's stack trace
     upstream: frozenset[str] = field(default_factory=frozenset)
+    joins: str = ""             # the fusion this branch enters first, as ``owner.callN_fusionK`` (for reports)
 
     @property
     def key(self) -> str:
@@ -194,15 +195,21 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
     return found
 
 
-def _consumer(site: Node, sig: torch.export.ExportGraphSignature) -> Consumer | None:
-    """The conv/linear that receives this branch through a concatenation or directly (exactly compensable)."""
+def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node | None = None) -> Consumer | None:
+    """The conv/linear that receives this branch through a concatenation or directly (exactly compensable).
+
+    ``fusion``: the branch is equalized only as an input of this op (kind "branch"), so its other users don't count.
+    """
     params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     node, path, offset = site, [], 0
     channels = _spatial(site)[1] if len(_spatial(site)) > 1 else 0
     while True:
-        if len(node.users) != 1:
+        if fusion is not None:
+            user, fusion = fusion, None
+        elif len(node.users) != 1:
             return None
-        (user,) = node.users
+        else:
+            (user,) = node.users
         if user.op != "call_function":
             return None
         if user.target in _CHANNEL_KEEPING:
@@ -277,6 +284,10 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
             counts[(kind, stack_key)] += 1
             (resize_no if kind == "resize" else fusion_no)[(node, stack_key)] = number
 
+    def fusion_name(fusion: Node) -> str:
+        key, path, call = _owner(fusion)
+        return f"{path or 'model'}.call{call}_fusion{fusion_no[(fusion, key)]}"
+
     found: list[tuple[Node, dict]] = []
     fusions: dict[Node, set[Node]] = defaultdict(set)  # fusion -> its inputs that carry an upsampled branch
     for node in graph.nodes:
@@ -294,7 +305,8 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
         align = node.args[2] if len(node.args) > 2 else None
         found.append((node, dict(owner=path, call=call, index=resize_no[(node, key)], kind="upsample", arg=0,
                                  fusion=_fusion_kind(reached[0][0], live), shape=out, in_size=tuple(src[2:]),
-                                 align_corners=align, consumer=_consumer(node, sig), source=_source(node))))
+                                 align_corners=align, consumer=_consumer(node, sig), source=_source(node),
+                                 joins=fusion_name(reached[0][0]))))
     if branches == "all":
         for fusion, carried in fusions.items():
             inputs = list(fusion.args[0]) if fusion.target in (aten.cat.default, aten.stack.default) \
@@ -305,7 +317,8 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
                     continue
                 found.append((other, dict(owner=path, call=call, index=fusion_no[(fusion, key)], kind="branch",
                                           arg=arg, fusion=FUSION_OPS[fusion.target], shape=_spatial(other),
-                                          in_size=None, align_corners=None, consumer=None, source=_source(fusion))))
+                                          in_size=None, align_corners=None, consumer=_consumer(other, sig, fusion),
+                                          source=_source(fusion), joins=fusion_name(fusion))))
 
     # A site whose input depends on another site is calibrated after it (FPN top-down paths chain them).
     order = {node: i for i, node in enumerate(graph.nodes)}

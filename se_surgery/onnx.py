@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from .capture import ExampleInputs, split_inputs
 from .equalizer import equalizers
+from .files import atomic_write
 
 METADATA_KEY = "se_surgery.equalizers"
 _AFFINE = {"Sub", "Add", "Mul", "Div"}
@@ -313,23 +314,17 @@ def _load(path: str | os.PathLike) -> ir.Model:
 
 
 def _write(model: ir.Model, destination: str | os.PathLike, sources: list[str]) -> None:
-    """Save next to the destination, then rename: never a half-written file, never over an input."""
-    destination = Path(destination)
-    for source in sources:
-        if destination.exists() and os.path.samefile(destination, source):
-            raise OnnxError(f"refusing to overwrite the input {source}: give another output path.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".onnx", dir=destination.parent)
-    os.close(handle)
-    try:
-        ir.save(model, tmp)
-        import onnx
+    """Save and check beside the destination, then rename: never a half-written file, never over an input."""
+    import onnx
 
+    def save(tmp: str) -> None:
+        ir.save(model, tmp)
         onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    try:
+        atomic_write(destination, save, sources)
+    except ValueError as error:
+        raise OnnxError(str(error)) from error
 
 
 def _session(model: ir.Model):

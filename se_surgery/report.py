@@ -1,10 +1,29 @@
-"""Tables of what se_surgery did to a model."""
+"""Reports: what se_surgery did to a model (``describe``) and the scales the fused branches arrive at
+(``scale_report``), measured on data, with the gradients that the paper's argument is about."""
 
 from __future__ import annotations
 
-from torch import nn
+import copy
+import csv
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, fields
+from itertools import repeat
+from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+from tqdm.auto import tqdm
+
+from .calibrate import CalibrationError, RunningMoments, _as_call, _device
+from .capture import ExampleInputs
 from .equalizer import equalizers
+from .files import atomic_write
 
 
 def describe(model: nn.Module) -> str:
@@ -23,14 +42,221 @@ def describe(model: nn.Module) -> str:
     if not rows:
         return f"{type(model).__name__}: no scale equalizers."
     header = ["site", "kind", "factor", "align_corners", "fusion", "level", "mean", "std", "preserve", "source"]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    change = getattr(model, "_se_output_change", None)
     foot = f"{len(rows)} equalizer(s) in {type(model).__name__}"
     if any(eq.per_channel for eq in equalizers(model)):
         foot += "; * = mean over channels"
+    change = getattr(model, "_se_output_change", None)
     if change is not None:
         foot += f"; preserve_function moved the output by {change:.3g} (relative)"
-    return "\n".join(lines + [foot])
+    return _table(header, rows) + "\n" + foot
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows])
+
+
+@dataclass(frozen=True)
+class BranchScale:
+    """One input branch of one fusion, as measured by :func:`scale_report`."""
+
+    fusion: str                 # the fusion op, ``owner.callN_fusionK``
+    branch: str                 # the site name of this branch (its resize, or its input slot of the fusion)
+    factor: float | None        # bilinear upsampling factor; None for a branch that is not bilinearly upsampled
+    align_corners: bool | None
+    equalized: bool             # passes through a calibrated ScaleEqualizer of the model
+    mean: float                 # of the branch as it enters the fusion, over the batches
+    std: float
+    second_moment: float        # E[x^2] = mean^2 + std^2
+    grad_rms: float | None      # RMS gradient of the consumer's weight slice for this branch (None: no consumer)
+    consumer: str | None        # ``weight_key[start:stop]``, the conv input channels this branch feeds
+
+
+@dataclass
+class ScaleReport:
+    """Per-branch scales of every fusion that takes a bilinearly upsampled input. ``str()`` gives the table."""
+
+    model: str
+    rows: list[BranchScale]
+    batches: int
+    loss: str
+
+    _HEADER = ["fusion", "branch", "factor", "align_corners", "equalized", "mean", "std", "E[x^2]", "grad RMS",
+               "consumer"]
+
+    def _cells(self) -> list[list[str]]:
+        def num(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4g}"
+
+        return [[r.fusion, r.branch, f"x{r.factor:.3g}" if r.factor else "-",
+                 "-" if r.align_corners is None else str(r.align_corners), "yes" if r.equalized else "no",
+                 num(r.mean), num(r.std), num(r.second_moment), num(r.grad_rms), r.consumer or "-"] for r in self.rows]
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return f"{self.model}: no fusion takes a bilinearly upsampled branch."
+        return (_table(self._HEADER, self._cells()) +
+                f"\n{self.model}: {len(self.rows)} branches of {len({r.fusion for r in self.rows})} fusion(s), "
+                f"{self.batches} batch(es); grad RMS of {self.loss}")
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self._cells()]
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """The records as CSV (full precision); written atomically to ``path`` if given."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([f.name for f in fields(BranchScale)])
+        writer.writerows(["" if v is None else v for v in astuple(r)] for r in self.rows)
+        text = buffer.getvalue()
+        if path is not None:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return text
+
+    def plot(self, path: str | os.PathLike, before: ScaleReport | None = None) -> Path:
+        """Bars of the std entering each fusion and of the consumer's gradient RMS, per branch; with ``before``
+        (a report of the original model), before/after pairs. Written atomically (any matplotlib format)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        reports = [("before", before), ("after", self)] if before is not None else [(self.model, self)]
+        names = [r.branch for r in self.rows]
+        if before is not None:
+            names += [r.branch for r in before.rows if r.branch not in names]
+        labels = [_short(n, self.rows + (before.rows if before else [])) for n in names]
+        has_grad = any(r.grad_rms is not None for _, rep in reports for r in rep.rows)
+        panels = [("std entering the fusion", "std")] + ([("consumer weight-slice gradient RMS", "grad_rms")]
+                                                         if has_grad else [])
+        fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.55 * len(names) + 2), 3.2 * len(panels)),
+                                 squeeze=False)
+        width = 0.8 / len(reports)
+        for ax, (title, attr) in zip(axes[:, 0], panels):
+            for k, (label, rep) in enumerate(reports):
+                by_name = {r.branch: r for r in rep.rows}
+                values = [getattr(by_name[n], attr) if n in by_name and getattr(by_name[n], attr) is not None
+                          else float("nan") for n in names]
+                ax.bar([i + (k - (len(reports) - 1) / 2) * width for i in range(len(names))], values, width,
+                       label=label)
+            ax.set_title(title)
+            ax.set_xticks(range(len(names)), labels, rotation=45, ha="right", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, 0].legend()
+        fig.suptitle(f"{self.model}: scales of the fused branches")
+        fig.tight_layout()
+        suffix = Path(path).suffix.lstrip(".") or "png"
+        try:
+            return atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
+        finally:
+            plt.close(fig)
+
+
+def _short(branch: str, rows: list[BranchScale]) -> str:
+    """A tick label: the site's last three name parts, and its factor."""
+    row = next(r for r in rows if r.branch == branch)
+    tail = ".".join(branch.split(".")[-3:])
+    return f"{tail} (x{row.factor:.3g})" if row.factor else tail
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The main prediction of a segmentation model's output (tensor, torchvision dict, transformers output)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict):
+        return output["out"] if "out" in output else next(v for v in output.values() if isinstance(v, torch.Tensor))
+    if isinstance(output, (tuple, list)):
+        return next(v for v in output if isinstance(v, torch.Tensor))
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+
+
+def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
+                 targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
+                 progress: bool = True) -> ScaleReport:
+    """Measure every branch of every fusion that takes a bilinearly upsampled input, on ``data``.
+
+    Works on an original model (the problem) and on an equalized one (the fix); the model itself is not changed.
+    Per branch: mean, std and second moment as it enters the fusion, and the RMS gradient of the consumer conv's
+    weight slice for that branch, of the cross-entropy of the main logits against ``targets`` (label maps, one per
+    batch, 255 = ignore) or, without targets, against the model's own argmax. Runs in eval mode (BatchNorm
+    running statistics, no dropout), so the numbers are deterministic. ``data`` yields batches in the form of
+    ``example_inputs``.
+    """
+    from .insert import equalize
+
+    probe = copy.deepcopy(model)
+    own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        equalize(probe, example_inputs, None, branches="all", inplace=True, progress=False)
+    eqs = list(equalizers(probe))
+    if not eqs:
+        return ScaleReport(type(model).__name__, [], 0, "-")
+    for eq in eqs:
+        if eq.site.name not in own:  # measuring points: identity
+            eq.set_statistics(torch.zeros_like(eq.mean), torch.ones_like(eq.std))
+    moments = {eq.site.name: RunningMoments() for eq in eqs}
+
+    def watch(eq, _inputs, out):
+        if not torch.isfinite(out).all():
+            raise CalibrationError(f"site {eq.site.name}: NaN or Inf entering the fusion; check the data.")
+        moments[eq.site.name].update(out)
+
+    for eq in eqs:
+        eq.register_forward_hook(watch)
+    probe.eval()
+    weights = {eq.site.consumer.weight for eq in eqs if eq.site.consumer is not None}
+    for name, param in probe.named_parameters():
+        param.requires_grad_(name in weights)
+        param.grad = None
+
+    device, form, seen = _device(probe), probe._se_input_form, 0
+    labels = iter(targets) if targets is not None else repeat(None)
+    for index, batch in enumerate(tqdm(data, desc="measuring scales", total=_total(data, max_batches),
+                                       disable=not progress, leave=False)):
+        if max_batches is not None and index >= max_batches:
+            break
+        args, kwargs = _as_call(batch, form, index)
+        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        with torch.set_grad_enabled(bool(weights)):
+            logits = _logits(probe(*args, **kwargs))
+            if weights:
+                target = next(labels, None)
+                target = logits.argmax(1) if target is None else target.to(device).long()
+                if logits.shape[-2:] != target.shape[-2:]:
+                    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                F.cross_entropy(logits, target, ignore_index=255).backward()
+        seen += 1
+    if seen == 0:
+        raise CalibrationError("scale_report: data yielded no batches.")
+
+    rows = []
+    order = {name: i for i, name in enumerate(dict.fromkeys(eq.site.joins for eq in eqs))}
+    for eq in sorted(eqs, key=lambda e: (order[e.site.joins], e.site.consumer.channels[0] if e.site.consumer
+                                         else e.site.arg)):
+        site, m = eq.site, moments[eq.site.name]
+        if m.mean is None:
+            raise CalibrationError(f"site {site.name} was never reached on the data: the model took another path "
+                                   f"than on example_inputs.")
+        mean, std = float(m.mean), float(m.std)
+        grad, consumer = None, None
+        if site.consumer is not None:
+            start, stop = site.consumer.channels
+            consumer = f"{site.consumer.weight}[{start}:{stop}]"
+            g = probe.get_parameter(site.consumer.weight).grad
+            grad = None if g is None else float((g[:, start:stop] / seen).pow(2).mean().sqrt())
+        rows.append(BranchScale(site.joins, site.name, site.factor, site.align_corners,
+                                site.name in own, mean, std, mean**2 + std**2, grad, consumer))
+    loss = "cross-entropy vs " + ("the given targets" if targets is not None else "the model's own argmax")
+    return ScaleReport(type(model).__name__, rows, seen, loss)
+
+
+def _total(data: Iterable, max_batches: int | None) -> int | None:
+    if not hasattr(data, "__len__"):
+        return max_batches
+    return len(data) if max_batches is None else min(len(data), max_batches)
