@@ -70,7 +70,8 @@ class BranchScale:
     std: float
     second_moment: float        # E[x^2] = mean^2 + std^2
     grad_rms: float | None      # RMS gradient of the consumer's weight slice for this branch (None: no consumer)
-    consumer: str | None        # ``weight_key[start:stop]``, the conv input channels this branch feeds
+    consumer: str | None        # state_dict key of the conv weight this branch feeds (through the concatenation)
+    channels: tuple[int, int] | None  # that weight's input channels [start, stop) fed by this branch
 
 
 @dataclass
@@ -91,7 +92,8 @@ class ScaleReport:
 
         return [[r.fusion, r.branch, f"x{r.factor:.3g}" if r.factor else "-",
                  "-" if r.align_corners is None else str(r.align_corners), "yes" if r.equalized else "no",
-                 num(r.mean), num(r.std), num(r.second_moment), num(r.grad_rms), r.consumer or "-"] for r in self.rows]
+                 num(r.mean), num(r.std), num(r.second_moment), num(r.grad_rms),
+                 f"{r.consumer}[{r.channels[0]}:{r.channels[1]}]" if r.consumer else "-"] for r in self.rows]
 
     def __str__(self) -> str:
         if not self.rows:
@@ -110,7 +112,7 @@ class ScaleReport:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow([f.name for f in fields(BranchScale)])
-        writer.writerows(["" if v is None else v for v in astuple(r)] for r in self.rows)
+        writer.writerows([_csv_cell(v) for v in astuple(r)] for r in self.rows)
         text = buffer.getvalue()
         if path is not None:
             atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -153,6 +155,12 @@ class ScaleReport:
             return atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
         finally:
             plt.close(fig)
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else value
 
 
 def _short(branch: str, rows: list[BranchScale]) -> str:
@@ -244,14 +252,13 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
             raise CalibrationError(f"site {site.name} was never reached on the data: the model took another path "
                                    f"than on example_inputs.")
         mean, std = float(m.mean), float(m.std)
-        grad, consumer = None, None
-        if site.consumer is not None:
-            start, stop = site.consumer.channels
-            consumer = f"{site.consumer.weight}[{start}:{stop}]"
-            g = probe.get_parameter(site.consumer.weight).grad
+        grad, consumer = None, site.consumer
+        if consumer is not None:
+            start, stop = consumer.channels
+            g = probe.get_parameter(consumer.weight).grad
             grad = None if g is None else float((g[:, start:stop] / seen).pow(2).mean().sqrt())
-        rows.append(BranchScale(site.joins, site.name, site.factor, site.align_corners,
-                                site.name in own, mean, std, mean**2 + std**2, grad, consumer))
+        rows.append(BranchScale(site.joins, site.name, site.factor, site.align_corners, site.name in own, mean, std,
+                                mean**2 + std**2, grad, consumer and consumer.weight, consumer and consumer.channels))
     loss = "cross-entropy vs " + ("the given targets" if targets is not None else "the model's own argmax")
     return ScaleReport(type(model).__name__, rows, seen, loss)
 
