@@ -86,26 +86,174 @@ def _literal(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def _export(args: argparse.Namespace) -> int:
-    """Equalize a model (calibrated on generated data unless weights bring statistics), fold, export to ONNX."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def read_images(folder: str, size: int, batch_size: int = 4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                limit: int | None = None, progress: bool = True) -> list:
+    """Batches of the images in ``folder`` (sorted by name): RGB, shorter side resized to ``size`` (bilinear,
+    antialiased), centre-cropped to ``size`` x ``size``, scaled to [0, 1], then normalized by ``mean``/``std``."""
+    from pathlib import Path
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm.auto import tqdm
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--data {folder}: not a folder of images.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not files:
+        raise ValueError(f"--data {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it.")
+    images = []
+    for path in tqdm(files, desc="reading images", disable=not progress, leave=False):
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except Exception as error:
+            raise ValueError(f"--data: cannot read {path} ({error}).") from error
+        image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+        images.append(TF.normalize(image.float() / 255, list(mean), list(std)))
+    stacked = torch.stack(images)
+    return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]
+
+
+def _as_input(spec: str, x):
+    """The input form the model takes: transformers models take ``pixel_values=``."""
+    return {"pixel_values": x} if spec.startswith("hf:") else (x,)
+
+
+def _batches(args: argparse.Namespace) -> list:
+    if args.data:
+        images = read_images(args.data, args.size, args.batch_size, args.mean, args.std, args.max_images,
+                             progress=not args.quiet)
+    else:
+        import torch
+
+        generated, _ = synthetic_segmentation(args.synthetic, args.size, 5)
+        images = list(torch.split(generated, args.batch_size))
+    return [_as_input(args.model, x) for x in images]
+
+
+def _read_state(path: str) -> dict:
+    """A state_dict from .safetensors, or a torch.save file loaded with weights_only=True (no code is run)."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:
+        raise ValueError(f"--weights {path}: not a state_dict that loads with weights_only=True ({error}).") from error
+
+
+def load_weighted(args: argparse.Namespace):
+    """The model of --model with --weights loaded; an ``se-surgery equalize`` file gives the equalized model."""
     import torch
 
     import se_surgery as se
 
     model = load_model(args.model).eval()
-    x = torch.randn(1, 3, args.size, args.size)
-    example = {"pixel_values": x} if args.model.startswith("hf:") else (x,)
-    images, _ = synthetic_segmentation(args.synthetic, args.size, 5)
-    data = [({"pixel_values": images[i:i + 1]} if isinstance(example, dict) else images[i:i + 1])
-            for i in range(len(images))]
-    eq = se.equalize(model, example, data, progress=not args.quiet)
-    if args.weights:
-        from safetensors.torch import load_file
+    if not args.weights:
+        return model
+    state = _read_state(args.weights)
+    meta = state.get("se_surgery") if isinstance(state, dict) else None
+    if meta is None:
+        model.load_state_dict(state)
+        return model
+    if meta["model"] != args.model:
+        print(f"se-surgery: note: {args.weights} was equalized from --model {meta['model']}", file=sys.stderr)
+    example = _as_input(args.model, torch.zeros(1, 3, meta["size"], meta["size"]))
+    eq = se.equalize(model, example, None, per_channel=meta["per_channel"], branches=meta["branches"],
+                     progress=False)
+    found = [e.site.name for e in se.equalizers(eq)]
+    if found != meta["sites"]:
+        raise ValueError(f"{args.weights} has equalizers at {meta['sites']}, but --model {args.model} gives sites "
+                         f"{found}: use the SPEC it was made from (--model {meta['model']}).")
+    eq.load_state_dict(state["state_dict"])
+    return eq
 
-        state = load_file(args.weights) if args.weights.endswith(".safetensors") else \
-            torch.load(args.weights, weights_only=True, map_location="cpu")
-        eq.load_state_dict(state)
-    print(se.export_onnx(eq, example, args.output, dynamic_spatial=not args.static))
+
+def _export(args: argparse.Namespace) -> int:
+    """Equalize a model (calibrated on the data, unless --weights is an equalized file), fold, export to ONNX."""
+    import se_surgery as se
+
+    model = load_weighted(args)
+    data = _batches(args)
+    example = _one(data[0])
+    if not list(se.equalizers(model)):
+        model = se.equalize(model, example, data, progress=not args.quiet)
+    print(se.export_onnx(model, example, args.output, dynamic_spatial=not args.static))
+    return 0
+
+
+def _one(batch):
+    """The first image of a batch, in the same form (the export example)."""
+    if isinstance(batch, dict):
+        return {k: v[:1] for k, v in batch.items()}
+    return tuple(t[:1] for t in batch)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Scales entering every fusion, before and after equalization (calibrated on the same data)."""
+    import se_surgery as se
+
+    model = load_weighted(args)
+    data = _batches(args)
+    example = data[0]
+    already = bool(list(se.equalizers(model)))
+    reports = []
+    if already:
+        print(se.describe(model))
+    else:
+        reports.append(("before (the model as given)", se.scale_report(model, example, data, max_batches=None,
+                                                                      progress=not args.quiet)))
+        if not reports[0][1].rows:
+            print(reports[0][1])
+            return 0
+        model = se.equalize(model, example, data, progress=not args.quiet)
+    reports.append(("after (equalized)" if not already else "equalized, as loaded",
+                    se.scale_report(model, example, data, max_batches=None, progress=not args.quiet)))
+    for title, report in reports:
+        print(f"\n## {title}\n")
+        print(report.to_markdown() if args.markdown else report)
+    if args.plot:
+        before = reports[0][1] if len(reports) == 2 else None
+        print(f"\nplot: {reports[-1][1].plot(args.plot, before=before)}")
+    return 0
+
+
+def _equalize(args: argparse.Namespace) -> int:
+    """Equalize and calibrate a model; save its state_dict with what is needed to rebuild it."""
+    import os
+
+    import torch
+
+    import se_surgery as se
+
+    from .files import atomic_write
+
+    model = load_weighted(args)
+    if list(se.equalizers(model)):
+        raise ValueError(f"{args.weights} is already equalized.")
+    data = _batches(args)
+    eq = se.equalize(model, data[0], data, per_channel=args.per_channel, branches=args.branches,
+                     preserve_function=args.preserve_function, progress=not args.quiet)
+    print(se.describe(eq))
+    sites = [e.site.name for e in se.equalizers(eq)]
+    if not sites:
+        raise ValueError(f"{args.model}: no bilinear upsampling feeds a fusion; nothing to save.")
+    meta = {"model": args.model, "size": args.size, "per_channel": args.per_channel, "branches": args.branches,
+            "sites": sites, "version": se.__version__}
+    payload = {"state_dict": eq.state_dict(), "se_surgery": meta}
+    inputs = [args.weights] if args.weights else []
+    path = atomic_write(args.output, lambda tmp: torch.save(payload, tmp), inputs)
+    print(f"saved {len(sites)} calibrated equalizer(s) and the weights to {os.fspath(path)}; load it with "
+          f"--model '{args.model}' --weights {os.fspath(path)}")
     return 0
 
 
@@ -128,12 +276,52 @@ def synthetic_segmentation(n: int, size: int, classes: int, seed: int = 0):
     return images, masks
 
 
+def _model_options(parser: argparse.ArgumentParser, size: int = 256) -> None:
+    parser.add_argument("--model", required=True,
+                        help="torchvision:NAME?key=value, smp:NAME?key=value&..., hf:CONFIG_JSON_OR_FOLDER or "
+                             "path/file.py:factory?key=value (zoo models are built with random weights: nothing is "
+                             "downloaded; give trained ones with --weights)")
+    parser.add_argument("--weights", help="a state_dict to load: .safetensors, or a torch.save file (loaded with "
+                                          "weights_only=True, never unpickling code); a file written by "
+                                          "'se-surgery equalize' gives the equalized model")
+    parser.add_argument("--size", type=int, default=size, help=f"image size in pixels (default {size})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data_options(parser: argparse.ArgumentParser, synthetic: int) -> None:
+    group = parser.add_argument_group("data (calibration and measurement)")
+    group.add_argument("--data", help="a folder of images (jpg, png, ...; searched recursively, sorted by name): "
+                                      "RGB, shorter side resized to --size, centre-cropped to a square, scaled to "
+                                      "[0, 1], normalized with --mean/--std")
+    group.add_argument("--synthetic", type=int, default=synthetic,
+                       help=f"without --data: this many generated images (discs on noise; default {synthetic})"
+                       if synthetic else "without --data: this many generated images, to try the command (the "
+                                         "statistics of real data are what a deployed model needs)")
+    group.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
+    group.add_argument("--max-images", type=int, help="read at most this many images from --data")
+    group.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, metavar=("R", "G", "B"),
+                       help="normalization mean (default ImageNet's 0.485 0.456 0.406)")
+    group.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, metavar=("R", "G", "B"),
+                       help="normalization std (default ImageNet's 0.229 0.224 0.225)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="se-surgery",
         description="Scale equalization for multi-level feature fusion (Kim & Kim, TMLR 2024): find the bilinear "
                     "upsamplings that feed a fusion in a segmentation model, insert calibrated scale equalizers, "
                     "and fold them away for deployment.",
+        epilog="examples:\n"
+               "  se-surgery demo\n"
+               "  se-surgery inspect --model torchvision:deeplabv3_resnet50 --data images/ --plot scales.png\n"
+               "  se-surgery equalize --model 'smp:UPerNet?encoder_name=resnet18&classes=19' --weights trained.pt "
+               "--data images/ -o equalized.pt\n"
+               "  se-surgery export --model 'smp:UPerNet?encoder_name=resnet18&classes=19' --weights equalized.pt "
+               "--static -o model.onnx\n"
+               "  se-surgery fold exported.onnx -o folded.onnx\n"
+               "Run 'se-surgery COMMAND --help' for a command's options. Exit codes: 0 done, 1 the work failed "
+               "(bad model, weights or data: one-line message, --debug for the traceback), 2 bad command line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,17 +338,36 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("-o", "--output", required=True, help="where to write the folded ONNX file")
     fold.set_defaults(run=_fold)
 
+    inspect = commands.add_parser(
+        "inspect", help="measure the scale (mean, std, E[x^2]) of every branch entering a fusion and the gradient "
+                        "of the fusion weights per branch, before and after equalization; optional plot")
+    _model_options(inspect)
+    _data_options(inspect, synthetic=8)
+    inspect.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    inspect.add_argument("--plot", help="write a before/after bar plot (e.g. scales.png)")
+    inspect.set_defaults(run=_inspect)
+
+    equalize = commands.add_parser(
+        "equalize", help="insert scale equalizers, calibrate them on your images, and save the state_dict with the "
+                         "site metadata (reload with --model SPEC --weights FILE)")
+    _model_options(equalize)
+    _data_options(equalize, synthetic=0)
+    equalize.add_argument("--per-channel", action="store_true", help="one mean/std per channel (default: one "
+                                                                      "scalar per site, the paper's)")
+    equalize.add_argument("--branches", choices=["upsampled", "all"], default="upsampled",
+                          help="equalize only the upsampled inputs of a fusion (paper, default) or all of them")
+    equalize.add_argument("--preserve-function", action="store_true", help="compensate the consumers so the "
+                                                                          "model computes what it did before")
+    equalize.add_argument("-o", "--output", required=True, help="the file to write (torch.save; never over "
+                                                                "--weights)")
+    equalize.set_defaults(run=_equalize)
+
     export = commands.add_parser("export", help="equalize a model, then export it to ONNX with the equalizers "
                                                 "folded (dynamic batch/height/width), checked by onnxruntime")
-    export.add_argument("--model", required=True, help="torchvision:NAME, smp:NAME?key=value&..., hf:CONFIG_OR_DIR "
-                                                       "or path/file.py:factory (zoo models get random weights)")
-    export.add_argument("--weights", help="an equalized state_dict (.safetensors or a torch.save file; loaded with "
-                                          "weights_only=True) to load before exporting")
-    export.add_argument("--size", type=int, default=512, help="example image size (default 512)")
-    export.add_argument("--synthetic", type=int, default=8, help="generated calibration images (default 8)")
+    _model_options(export, size=512)
+    _data_options(export, synthetic=8)
     export.add_argument("--static", action="store_true", help="fixed height/width (models whose export bakes "
                                                               "the size in, e.g. adaptive pooling to fixed bins)")
-    export.add_argument("--quiet", action="store_true", help="no progress bars")
     export.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     export.set_defaults(run=_export)
     return parser
@@ -168,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 the work failed (bad model or data), 2 bad command line."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "synthetic", 1) < 1 and not args.data:
+        parser.error(f"{args.command} needs --data DIR (a folder of images), or --synthetic N to try it.")
     try:
         return args.run(args)
     except Exception as error:

@@ -21,6 +21,9 @@ def atomic_write(destination: str | os.PathLike, save: Callable[[str], None],
     os.close(handle)
     try:
         save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the permissions a plain open() would
         os.replace(tmp, destination)
     finally:
         if os.path.exists(tmp):

@@ -281,6 +281,8 @@ def fold_graph(model: ir.Model) -> list[Fold]:
         done = _fold_one(graph, resize, chain, a, b, site)
         if done is not None:
             folds.append(done)
+    if folds:  # the replaced weights and the equalizers' constants are now unused: drop them from the file
+        ir.passes.common.RemoveUnusedNodesPass()(model)
     return folds
 
 

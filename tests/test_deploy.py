@@ -1,6 +1,7 @@
 """Deployment: fold in PyTorch, export to ONNX with the equalizers folded, fold graphs from elsewhere."""
 
 import logging
+import os
 import warnings
 
 import onnx
@@ -70,8 +71,14 @@ def test_export_onnx_folds_exactly_and_costs_at_most_the_documented_minimum(name
     assert report.nodes_after <= _nodes(original) + minimum
     if minimum == 0:
         assert report.nodes_after <= _nodes(original)
+    # No dead weights: every initializer is used (the replaced conv weights and equalizer constants are gone), and
+    # the file is no larger than the original export plus the few new constants.
+    folded = onnx.load(report.path)
+    used = {i for n in folded.graph.node for i in n.input}
+    assert all(init.name in used for init in folded.graph.initializer)
+    assert os.path.getsize(report.path) <= os.path.getsize(original) * 1.01 + 4096
     # Dynamic batch (and height/width) kept in the folded file.
-    dims = onnx.load(report.path).graph.input[0].type.tensor_type.shape.dim
+    dims = folded.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and (bool(dims[2].dim_param) == dynamic) and (bool(dims[3].dim_param) == dynamic)
     assert "folded" in str(report) and "nodes:" in str(report)
 
