@@ -48,10 +48,14 @@ def _fold(args: argparse.Namespace) -> int:
 def load_model(spec: str):
     """A model from a SPEC: torchvision:NAME, smp:NAME?key=value&..., hf:CONFIG_OR_FOLDER, path/file.py:factory.
 
-    Zoo models are built with random weights (nothing is downloaded); load trained weights with --weights.
+    Zoo models are built with random weights, seeded (nothing is downloaded); load trained weights with --weights.
     """
     import importlib.util
     from urllib.parse import parse_qsl
+
+    import torch
+
+    torch.manual_seed(0)  # the same random weights in every command, so their numbers can be compared
 
     kind, _, rest = spec.partition(":")
     name, _, query = rest.partition("?")

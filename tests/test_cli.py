@@ -39,3 +39,68 @@ def test_model_specs(tmp_path):
     factory.write_text("import torch\ndef build(width=4):\n    return torch.nn.Conv2d(3, width, 1)\n")
     assert load_model(f"{factory}:build?width=6").out_channels == 6
     assert isinstance(load_model("smp:FPN?encoder_name=resnet18&classes=2"), torch.nn.Module)
+
+
+def _images(folder, n=5):
+    from torchvision.io import write_png
+
+    folder.mkdir()
+    for i in range(n):  # odd sizes: resized and centre-cropped
+        write_png((torch.rand(3, 100 + 7 * i, 90 + 5 * i) * 255).to(torch.uint8), str(folder / f"{i}.png"))
+    return folder
+
+
+def test_inspect_equalize_reload_and_export(tmp_path, capsys):
+    model = "smp:PSPNet?encoder_name=resnet18&classes=3"
+    data = str(_images(tmp_path / "images"))
+    common = ["--model", model, "--data", data, "--size", "64", "--batch-size", "2", "--quiet"]
+    assert main(["inspect", *common, "--plot", str(tmp_path / "scales.png")]) == 0
+    out = capsys.readouterr().out
+    assert "## before" in out and "## after (equalized)" in out and "decoder.psp.blocks.0.call0_resize0" in out
+    assert (tmp_path / "scales.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["equalize", *common, "-o", str(tmp_path / "eq.pt")]) == 0
+    saved = torch.load(tmp_path / "eq.pt", weights_only=True)
+    assert saved["se_surgery"]["sites"] == [f"decoder.psp.blocks.{i}.call0_resize0" for i in range(4)]
+    capsys.readouterr()
+    # Reloaded: the equalized model as saved (its statistics, not recalibrated), then exported from the file.
+    assert main(["inspect", *common, "--weights", str(tmp_path / "eq.pt"), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "## equalized, as loaded" in out and "| decoder.psp.call0_fusion0 |" in out
+    std = saved["state_dict"]["scale_equalizers.decoder_psp_blocks_1_call0_resize0.std"].item()
+    assert f"{std:.4g}" in out
+    assert main(["export", "--model", model, "--weights", str(tmp_path / "eq.pt"), "--size", "64", "--static",
+                 "--quiet", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "4 equalizer(s) folded" in capsys.readouterr().out
+
+
+def test_read_images_resizes_crops_and_normalizes(tmp_path):
+    from se_surgery.cli import read_images
+
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    from torchvision.io import write_png
+
+    write_png(torch.full((3, 40, 60), 128, dtype=torch.uint8), str(folder / "a.png"))
+    (folder / "notes.txt").write_text("not an image")
+    (batch,) = read_images(str(folder), 32, progress=False)
+    assert batch.shape == (1, 3, 32, 32)
+    expected = (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(batch[0, :, 16, 16], expected, atol=1e-3, rtol=0)
+
+
+def test_data_and_weights_errors_name_the_file(tmp_path):
+    model = "smp:PSPNet?encoder_name=resnet18&classes=3"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = [sys.executable, "-m", "se_surgery.cli"]
+    result = subprocess.run([*run, "inspect", "--model", model, "--data", str(empty)], capture_output=True, text=True)
+    assert result.returncode == 1 and "no images" in result.stderr and "Traceback" not in result.stderr
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": object()}, evil)  # not loadable with weights_only=True
+    result = subprocess.run([*run, "inspect", "--model", model, "--weights", str(evil), "--synthetic", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "weights_only=True" in result.stderr
+    result = subprocess.run([*run, "equalize", "--model", model, "-o", str(tmp_path / "x.pt")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "needs --data" in result.stderr
