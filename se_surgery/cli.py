@@ -28,6 +28,17 @@ def _demo(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     print(se.describe(eq))
     print(f"equalize (capture, find, insert, calibrate on {len(calibration)} batches): {took:.2f} s")
+    before = se.scale_report(model, (images[:2],), calibration, progress=not args.quiet)
+    after = se.scale_report(eq, (images[:2],), calibration, progress=not args.quiet)
+    print("\nbranch scales entering each fusion, before -> after (se-surgery inspect gives the full table):")
+    for fusion in dict.fromkeys(r.fusion for r in after.rows):
+        old = [r for r in before.rows if r.fusion == fusion]
+        new = [r for r in after.rows if r.fusion == fusion]
+        line = f"  {fusion}: std {_range(r.std for r in old)} -> {_range(r.std for r in new)}"
+        if all(r.grad_rms for r in old + new):
+            line += (f"; fusion-weight grad RMS spread {_spread(r.grad_rms for r in old):.2f}x -> "
+                     f"{_spread(r.grad_rms for r in new):.2f}x")
+        print(line)
     eq.train()
     optimizer = torch.optim.SGD(eq.parameters(), lr=0.01, momentum=0.9)
     loss = torch.nn.functional.cross_entropy(eq(images[:2]), masks[:2])
@@ -35,6 +46,16 @@ def _demo(args: argparse.Namespace) -> int:
     optimizer.step()
     print(f"one fine-tuning step: loss {loss.item():.4f}; the equalized {type(eq).__name__} trains as before")
     return 0
+
+
+def _range(values) -> str:
+    values = list(values)
+    return f"{min(values):.3g}-{max(values):.3g}"
+
+
+def _spread(values) -> float:
+    values = list(values)
+    return max(values) / min(values)
 
 
 def _fold(args: argparse.Namespace) -> int:
@@ -329,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="equalize a random-weight smp UPerNet on generated data and print the "
-                                            "sites (no downloads, about 10 s on a CPU)")
+    demo = commands.add_parser("demo", help="equalize a random-weight smp UPerNet on generated data, print the "
+                                            "sites and the branch scales before/after (no downloads, ~20 s)")
     demo.add_argument("--size", type=int, default=128, help="image size (a multiple of 32; default 128)")
     demo.add_argument("--batches", type=int, default=4, help="calibration batches of 2 images (default 4)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
