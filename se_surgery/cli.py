@@ -145,6 +145,35 @@ def read_images(folder: str, size: int, batch_size: int = 4, mean=IMAGENET_MEAN,
     return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]
 
 
+def read_labels(labels: str, folder: str, size: int, batch_size: int = 4, limit: int | None = None) -> list:
+    """Label maps for the images of ``read_images(folder, ...)``: for ``folder/a/b.jpg``, ``labels/a/b.png`` (class
+    ids as pixel values, 255 = ignore; greyscale or palette PNG), resized (nearest) and cropped like the image."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    maps = []
+    for path in files:
+        label = Path(labels) / path.relative_to(root).with_suffix(".png")
+        if not label.exists():
+            raise ValueError(f"--labels: no label map {label} for the image {path}.")
+        with Image.open(label) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"--labels: {label} is a {image.mode} image; label maps hold one class id per "
+                                 f"pixel (greyscale or palette PNG).")
+            ids = torch.from_numpy(np.array(image).astype(np.int64))[None]
+        ids = TF.resize(ids, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        maps.append(TF.center_crop(ids, [size, size])[0])
+    stacked = torch.stack(maps)
+    return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]
+
+
 def _as_input(spec: str, x):
     """The input form the model takes: transformers models take ``pixel_values=``."""
     return {"pixel_values": x} if spec.startswith("hf:") else (x,)
@@ -230,19 +259,25 @@ def _inspect(args: argparse.Namespace) -> int:
     model = load_weighted(args)
     data = _batches(args)
     example = data[0]
+    targets = None
+    if args.labels:
+        if not args.data:
+            raise ValueError("--labels goes with --data: label maps for the images there.")
+        targets = read_labels(args.labels, args.data, args.size, args.batch_size, args.max_images)
     already = bool(list(se.equalizers(model)))
     reports = []
     if already:
         print(se.describe(model))
     else:
-        reports.append(("before (the model as given)", se.scale_report(model, example, data, max_batches=None,
-                                                                      progress=not args.quiet)))
+        reports.append(("before (the model as given)", se.scale_report(model, example, data, targets=targets,
+                                                                      max_batches=None, progress=not args.quiet)))
         if not reports[0][1].rows:
             print(reports[0][1])
             return 0
         model = se.equalize(model, example, data, progress=not args.quiet)
     reports.append(("after (equalized)" if not already else "equalized, as loaded",
-                    se.scale_report(model, example, data, max_batches=None, progress=not args.quiet)))
+                    se.scale_report(model, example, data, targets=targets, max_batches=None,
+                                    progress=not args.quiet)))
     for title, report in reports:
         print(f"\n## {title}\n")
         print(report.to_markdown() if args.markdown else report)
@@ -368,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the fusion weights per branch, before and after equalization; optional plot")
     _model_options(inspect)
     _data_options(inspect, synthetic=8)
+    inspect.add_argument("--labels", help="a folder of label maps for --data (same relative names, .png; class ids, "
+                                          "255 = ignore): the gradients are of the loss against them instead of "
+                                          "against the model's own predictions")
     inspect.add_argument("--markdown", action="store_true", help="print Markdown tables")
     inspect.add_argument("--plot", help="write a before/after bar plot (e.g. scales.png)")
     inspect.set_defaults(run=_inspect)

@@ -12,6 +12,7 @@ def test_demo_prints_the_sites_table(capsys):
     assert main(["demo", "--quiet", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "decoder.psp.call0_resize0" in out and "9 equalizer(s) in UPerNet" in out and "fine-tuning step" in out
+    assert "decoder.call0_fusion4: std" in out and "grad RMS spread" in out
 
 
 def test_export_then_fold_from_the_shell(tmp_path):
@@ -104,3 +105,19 @@ def test_data_and_weights_errors_name_the_file(tmp_path):
     result = subprocess.run([*run, "equalize", "--model", model, "-o", str(tmp_path / "x.pt")], capture_output=True,
                             text=True)
     assert result.returncode == 2 and "needs --data" in result.stderr
+
+
+def test_inspect_with_label_maps(tmp_path, capsys):
+    from PIL import Image
+
+    data = _images(tmp_path / "images", n=2)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    Image.fromarray((torch.arange(100 * 90) % 3).view(100, 90).to(torch.uint8).numpy(), mode="L").save(labels / "0.png")
+    args = ["inspect", "--model", "smp:PSPNet?encoder_name=resnet18&classes=3", "--data", str(data), "--labels",
+            str(labels), "--size", "64", "--quiet"]
+    assert main(args) == 1  # 1.png has no label map
+    assert "no label map" in capsys.readouterr().err
+    Image.fromarray(torch.full((107, 95), 255, dtype=torch.uint8).numpy(), mode="L").save(labels / "1.png")
+    assert main(args) == 0
+    assert "cross-entropy vs the given targets" in capsys.readouterr().out
