@@ -140,11 +140,25 @@ def _device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
+def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool,
+                desc: str) -> Iterator[tuple[int, tuple, dict]]:
+    """``(index, args, kwargs)`` per batch of ``data``, in the form the equalized model was captured with and on
+    its device, with a progress bar; at most ``max_batches``."""
+    form, device = model._se_input_form, _device(model)
+    total = len(data) if hasattr(data, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    for index, batch in enumerate(tqdm(data, desc=desc, total=total, disable=not progress, leave=False)):
+        if max_batches is not None and index >= max_batches:
+            break
+        args, kwargs = _as_call(batch, form, index)
+        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        yield index, args, kwargs
+
+
 def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Iterable, *,
                     max_batches: int | None = None, progress: bool = True, desc: str = "calibrating") -> None:
     """One pass over ``data``: measure the inputs of ``targets`` (acting as identity meanwhile), then freeze them."""
-    form = model._se_input_form
-    device = _device(model)
     observers = [_Observer(eq) for eq in targets]
     for eq, obs in zip(targets, observers):
         eq.observer = obs
@@ -156,15 +170,9 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     was_training = model.training
     model.eval()
     try:
-        total = len(data) if hasattr(data, "__len__") else None
-        if total is not None and max_batches is not None:
-            total = min(total, max_batches)
         with torch.no_grad():
-            for index, batch in enumerate(tqdm(data, desc=desc, total=total, disable=not progress, leave=False)):
-                if max_batches is not None and index >= max_batches:
-                    break
-                args, kwargs = _as_call(batch, form, index)
-                args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            for index, args, kwargs in model_calls(model, data, max_batches=max_batches, progress=progress,
+                                                   desc=desc):
                 for obs in observers:
                     obs.batch = index
                 model(*args, **kwargs)

@@ -17,10 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
-from tqdm.auto import tqdm
 
-from .calibrate import CalibrationError, RunningMoments, _as_call, _device
+from .calibrate import CalibrationError, RunningMoments, _device, model_calls
 from .capture import ExampleInputs
 from .equalizer import equalizers
 from .files import atomic_write
@@ -223,14 +221,10 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         param.requires_grad_(name in weights)
         param.grad = None
 
-    device, form, seen = _device(probe), probe._se_input_form, 0
+    device, seen = _device(probe), 0
     labels = iter(targets) if targets is not None else repeat(None)
-    for index, batch in enumerate(tqdm(data, desc="measuring scales", total=_total(data, max_batches),
-                                       disable=not progress, leave=False)):
-        if max_batches is not None and index >= max_batches:
-            break
-        args, kwargs = _as_call(batch, form, index)
-        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    for _index, args, kwargs in model_calls(probe, data, max_batches=max_batches, progress=progress,
+                                            desc="measuring scales"):
         with torch.set_grad_enabled(bool(weights)):
             logits = _logits(probe(*args, **kwargs))
             if weights:
@@ -262,8 +256,3 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     loss = "cross-entropy vs " + ("the given targets" if targets is not None else "the model's own argmax")
     return ScaleReport(type(model).__name__, rows, seen, loss)
 
-
-def _total(data: Iterable, max_batches: int | None) -> int | None:
-    if not hasattr(data, "__len__"):
-        return max_batches
-    return len(data) if max_batches is None else min(len(data), max_batches)
