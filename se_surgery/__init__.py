@@ -1,17 +1,28 @@
 """se_surgery: scale equalization for multi-level feature fusion (Kim & Kim, TMLR 2024), for any PyTorch model."""
 
-from .calibrate import CalibrationError, calibrate
-from .capture import CaptureError
-from .equalizer import ScaleEqualizer, equalizers
-from .find import Consumer, Site, find_sites
+from .calibrate import calibrate
+from .equalize import equalize
+from .equalizer import ScaleEqualizer
+from .errors import (
+    CalibrationError,
+    CaptureError,
+    NotCalibratedError,
+    OnnxError,
+    SeSurgeryError,
+    SiteMismatchError,
+    UsageError,
+)
+from .find import find_sites
 from .fold import FoldStep, fold
-from .insert import SiteMismatchError, equalize
-from .onnx import FoldReport, OnnxError, export_onnx, fold_onnx
+from .onnx import FoldReport, export_onnx, fold_onnx
 from .report import BranchScale, ScaleReport, describe, scale_report
+from .runtime import equalizers
+from .site import Consumer, Site
 
 __all__ = [
-    "BranchScale", "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "OnnxError",
-    "ScaleEqualizer", "ScaleReport", "Site", "SiteMismatchError", "calibrate", "describe", "equalize", "equalizers",
-    "export_onnx", "find_sites", "fold", "fold_onnx", "scale_report",
+    "BranchScale", "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "NotCalibratedError",
+    "OnnxError", "ScaleEqualizer", "ScaleReport", "SeSurgeryError", "Site", "SiteMismatchError", "UsageError",
+    "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold", "fold_onnx",
+    "scale_report",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,17 +1,20 @@
 """Calibrate: measure each equalizer's input statistics on data, in the equalized model.
 
-Statistics accumulate in float64 with Chan et al.'s pairwise merge (count, mean, sum of squared deviations), so
-they equal a one-pass float64 mean/std over everything seen. Sites are calibrated level by level: a site fed by
-another site's output (FPN top-down paths) is measured after that one is frozen, so every equalizer's output has
-mean 0 and std 1 on the calibration data. Under ``torch.distributed`` the partial statistics of all ranks are
-gathered and merged in rank order, so every rank ends with the statistics of all data.
+Each batch gives a mean and variance from ``torch.var_mean`` (no float64 copy of the feature map: on the CPU it
+accumulates in double), merged in float64 with Chan et al.'s pairwise formula, so the result equals a one-pass
+mean/std over everything seen. Sites are calibrated level by level: a site fed by another site's output (FPN
+top-down paths) is measured after that one is frozen, so every equalizer's output has mean 0 and std 1 on the
+calibration data; a model takes one pass over the data per level. Under ``torch.distributed`` the partial
+statistics of all ranks are gathered (on the process group's device) and merged in rank order, so every rank ends
+with the statistics of all data.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,11 +23,14 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .equalizer import ScaleEqualizer, equalizers
+from .equalizer import ScaleEqualizer
+from .errors import CalibrationError, UsageError
+from .modes import eval_mode
+from .runtime import equalizers, registry
 
-
-class CalibrationError(ValueError):
-    """Calibration data that cannot give statistics (empty, non-finite, wrong form, a dead branch)."""
+InputFn = Callable[[Any], Any]
+# A branch whose std is below this fraction of its RMS carries only rounding noise: equalizing would amplify it.
+DEAD_RELATIVE_STD = 1e-4
 
 
 class RunningMoments:
@@ -37,12 +43,11 @@ class RunningMoments:
         self.m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64)
+        x = x.detach()
         dims = self.dims if self.dims is not None else tuple(range(x.dim()))
         n = math.prod(x.shape[d] for d in dims)
-        mean = x.mean(dim=dims)
-        m2 = ((x - mean.view(_keep(x, dims))) ** 2).sum(dim=dims)
-        self.merge(n, mean, m2)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        self.merge(n, mean.to(torch.float64), var.to(torch.float64) * n)
 
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if n == 0:
@@ -60,31 +65,36 @@ class RunningMoments:
         """Merge the partial moments of every rank, in rank order, so all ranks agree bit for bit."""
         if not (dist.is_available() and dist.is_initialized()):
             return
+        device = collective_device()
         size = self.mean.numel() if self.mean is not None else 0
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([size]))
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([size], device=device))
         width = int(max(s.item() for s in sizes))
-        mine = torch.zeros(1 + 2 * width, dtype=torch.float64)
+        mine = torch.zeros(1 + 2 * width, dtype=torch.float64, device=device)
         if self.mean is not None:
             mine[0] = self.count
-            mine[1:1 + width] = self.mean.reshape(-1).cpu()
-            mine[1 + width:] = self.m2.reshape(-1).cpu()
+            mine[1:1 + width] = self.mean.reshape(-1).to(device)
+            mine[1 + width:] = self.m2.reshape(-1).to(device)
         parts = [torch.zeros_like(mine) for _ in sizes]
         dist.all_gather(parts, mine)
         shape = self.mean.shape if self.mean is not None else (() if width == 1 else (width,))
-        device = self.mean.device if self.mean is not None else torch.device("cpu")
+        home = self.mean.device if self.mean is not None else torch.device("cpu")
         self.count, self.mean, self.m2 = 0, None, None
         for part in parts:
-            self.merge(int(part[0].item()), part[1:1 + width].reshape(shape).to(device),
-                       part[1 + width:].reshape(shape).to(device))
+            self.merge(int(part[0].item()), part[1:1 + width].reshape(shape).to(home),
+                       part[1 + width:].reshape(shape).to(home))
 
     @property
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count).sqrt()
 
 
-def _keep(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if d in dims else s for d, s in enumerate(x.shape))
+def collective_device() -> torch.device:
+    """Where the default process group's collectives run: the current CUDA device for NCCL, else the CPU."""
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class _Observer:
@@ -94,45 +104,46 @@ class _Observer:
         self.equalizer = equalizer
         self.moments = RunningMoments()
         self.batch = 0
+        self.bad_batch: int | None = None
 
     def __call__(self, x: torch.Tensor) -> None:
-        if not torch.isfinite(x).all():
-            raise CalibrationError(
-                f"site {self.equalizer.site.name}: NaN or Inf in its input on calibration batch {self.batch}. "
-                f"Check the calibration data and the layers before this site ({self.equalizer.site.source})."
-            )
         if self.equalizer.per_channel:
             self.moments.dims = tuple(d for d in range(x.dim()) if d != 1)
         self.moments.update(x)
+        if self.bad_batch is None and not bool(torch.isfinite(self.moments.mean).all() &
+                                               torch.isfinite(self.moments.m2).all()):
+            self.bad_batch = self.batch  # NaN/Inf in the input reach the moments; no extra pass over x
 
 
-def _as_call(batch: Any, form: tuple[str, Any], index: int) -> tuple[tuple, dict]:
-    """Turn one calibration batch into (args, kwargs) of the form the model was captured with."""
+def model_inputs(batch: Any, form: tuple[str, Any], index: int) -> tuple[tuple, dict]:
+    """The model's inputs in one calibration batch, by the rule the README documents.
+
+    A model equalized with keyword inputs (``{"pixel_values": x}``) takes those keys from a dict batch (other keys,
+    e.g. ``labels``, are ignored), or the first item of a tuple/list batch for a single keyword. A model equalized
+    with N positional inputs takes a tensor batch as its one input, or the first N items of a tuple/list batch (so
+    ``(image, label)`` pairs give the image).
+    """
     kind, spec = form
+    items = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch) if isinstance(batch, (tuple, list)) \
+        else None
     if kind == "kwargs":
-        if not isinstance(batch, Mapping):
-            raise CalibrationError(
-                f"calibration batch {index} is a {type(batch).__name__}, but the model was equalized with keyword "
-                f"inputs {sorted(spec)}: yield dicts with those keys."
-            )
-        missing = [k for k in spec if k not in batch]
-        if missing:
-            raise CalibrationError(f"calibration batch {index} lacks the keyword input(s) {missing}.")
-        return (), {k: batch[k] for k in spec}
-    if isinstance(batch, torch.Tensor):
-        batch = (batch,)
-    if not isinstance(batch, (tuple, list)) or len(batch) != spec:
-        got = f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) \
-            else f"a {type(batch).__name__}"
-        raise CalibrationError(
-            f"calibration batch {index} is {got}, but the model was equalized with {spec} positional input(s): "
-            f"yield a tensor or a tuple of {spec} (e.g. `(x for x, _ in loader)` to drop labels)."
-        )
-    return tuple(batch), {}
-
-
-def _ignore(_x: torch.Tensor) -> None:
-    pass
+        if isinstance(batch, Mapping):
+            missing = [k for k in spec if k not in batch]
+            if missing:
+                raise CalibrationError(f"calibration batch {index} lacks the keyword input(s) {missing} the model "
+                                       f"was equalized with (it has {sorted(batch)}); pass input_fn= to pick them.")
+            return (), {k: batch[k] for k in spec}
+        if items and len(spec) == 1:
+            return (), {spec[0]: items[0]}
+    elif items is not None and len(items) >= spec:
+        return items[:spec], {}
+    raise CalibrationError(
+        f"calibration batch {index} is a {type(batch).__name__}"
+        + (f" of {len(items)} items" if items is not None else "")
+        + f", but the model was equalized with {spec if kind == 'args' else list(spec)} "
+        + ("positional input(s)" if kind == "args" else "keyword input(s)")
+        + ": yield tensors, (input, label) tuples or dicts with those keys, or pass input_fn= to turn a batch into "
+          "the model's inputs.")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -140,24 +151,27 @@ def _device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
-def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool,
-                desc: str) -> Iterator[tuple[int, tuple, dict]]:
-    """``(index, args, kwargs)`` per batch of ``data``, in the form the equalized model was captured with and on
-    its device, with a progress bar; at most ``max_batches``."""
-    form, device = model._se_input_form, _device(model)
+def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
+                input_fn: InputFn | None = None) -> Iterator[tuple[int, tuple, dict]]:
+    """``(index, args, kwargs)`` per batch of ``data`` (at most ``max_batches``, read lazily), on the model's
+    device, with a progress bar."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        raise CalibrationError(f"calibration data is a {type(data).__name__}, which yields single samples: wrap it "
+                               f"in a DataLoader(dataset, batch_size=...) to give batches.")
+    form, device = registry(model).input_form, _device(model)
     total = len(data) if hasattr(data, "__len__") else None
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
-    for index, batch in enumerate(tqdm(data, desc=desc, total=total, disable=not progress, leave=False)):
-        if max_batches is not None and index >= max_batches:
-            break
-        args, kwargs = _as_call(batch, form, index)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    batches = itertools.islice(data, max_batches)
+    for index, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)):
+        args, kwargs = model_inputs(input_fn(batch) if input_fn is not None else batch, form, index)
         args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
         yield index, args, kwargs
 
 
 def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Iterable, *,
-                    max_batches: int | None = None, progress: bool = True, desc: str = "calibrating") -> None:
+                    max_batches: int | None = None, progress: bool = True, desc: str = "calibrating",
+                    input_fn: InputFn | None = None) -> None:
     """One pass over ``data``: measure the inputs of ``targets`` (acting as identity meanwhile), then freeze them."""
     observers = [_Observer(eq) for eq in targets]
     for eq, obs in zip(targets, observers):
@@ -167,12 +181,10 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     for eq in waiting:
         eq.observer = _ignore
     seen = 0
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for index, args, kwargs in model_calls(model, data, max_batches=max_batches, progress=progress,
-                                                   desc=desc):
+                                                   desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
                 model(*args, **kwargs)
@@ -180,60 +192,97 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     finally:
         for eq in targets + waiting:
             eq.observer = None
-        model.train(was_training)
 
     if dist.is_available() and dist.is_initialized():
-        count = torch.tensor([seen])
+        count = torch.tensor([seen], device=collective_device())
         dist.all_reduce(count)
         seen = int(count.item())
     if seen == 0:
         raise CalibrationError("calibration_data yielded no batches: pass a non-empty iterable of input batches.")
     for eq, obs in zip(targets, observers):
+        if obs.bad_batch is not None:
+            raise CalibrationError(
+                f"site {eq.name}: NaN or Inf in its input on calibration batch {obs.bad_batch}. Check the "
+                f"calibration data and the layers before this site ({eq.site.where}).")
         obs.moments.all_reduce()
         if obs.moments.mean is None:
             raise CalibrationError(
-                f"site {eq.site.name} was never reached during calibration: the model took another path on the "
-                f"calibration data than on example_inputs."
-            )
-        std = obs.moments.std
-        if eq.per_channel and (std > 0).any() and (std == 0).any():
-            # Constant channels (dead ReLUs) are common; (x - mean) maps them to 0 whatever the std.
-            warnings.warn(f"se_surgery: site {eq.site.name}: {int((std == 0).sum())} of {std.numel()} channels are "
-                          f"constant on the calibration data; their std is set to 1.", stacklevel=3)
-            std = torch.where(std == 0, torch.ones_like(std), std)
-        if (std == 0).any():
-            raise CalibrationError(
-                f"site {eq.site.name} has zero variance on the calibration data (a dead branch: its input is "
-                f"constant). Calibrate on real, varied data, or check the layers before it ({eq.site.source})."
-            )
-        eq.set_statistics(obs.moments.mean.to(eq.mean.dtype), std.to(eq.std.dtype))
+                f"site {eq.name} was never reached during calibration: the model took another path on the "
+                f"calibration data than on example_inputs.")
+        eq.set_statistics(*_checked(eq, obs.moments))
 
 
-def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None,
-              progress: bool = True) -> nn.Module:
+def _checked(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics to freeze; a branch with no variation beyond rounding (a dead branch) is an error."""
+    mean, std = moments.mean, moments.std
+    dead = std <= DEAD_RELATIVE_STD * (mean * mean + std * std).sqrt()
+    if eq.per_channel and dead.any() and not dead.all():
+        # Constant channels (dead ReLUs) are common; (x - mean) maps them to 0 whatever the std.
+        warnings.warn(f"se_surgery: site {eq.name}: {int(dead.sum())} of {std.numel()} channels are constant on "
+                      f"the calibration data; their std is set to 1.", stacklevel=4)
+        std = torch.where(dead, torch.ones_like(std), std)
+    elif dead.any():
+        raise CalibrationError(
+            f"site {eq.name} has {'zero' if bool((std == 0).all()) else 'no real'} variance on the calibration data "
+            f"(std {std.max().item():.3g} against a magnitude of {(mean * mean + std * std).sqrt().max().item():.3g}: "
+            f"a dead branch, its input is constant up to rounding). Dividing by that std would amplify rounding "
+            f"noise. Calibrate on real, varied data, or check the layers before it ({eq.site.where}).")
+    return mean.to(eq.mean.dtype), std.to(eq.std.dtype)
+
+
+def _ignore(_x: torch.Tensor) -> None:
+    pass
+
+
+def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None, progress: bool = True,
+              input_fn: InputFn | None = None) -> nn.Module:
     """(Re)measure every equalizer of an equalized model on ``data``, level by level; returns the model.
 
-    ``data`` yields batches of the form given to :func:`se_surgery.equalize` as ``example_inputs`` (a tensor, a
-    tuple of positional inputs, or a dict of keyword inputs). Runs under ``torch.no_grad()`` in eval mode on the
-    model's device, and restores the model's mode.
+    Args:
+        model: a model returned by :func:`se_surgery.equalize`.
+        data: an iterable of batches: a ``DataLoader`` or any iterable of tensors, ``(input, label)`` tuples or dicts
+            (see :func:`model_inputs` for which items are the model's inputs). Read once per level of chained
+            sites; a one-shot iterator is read once and its batches replayed for the later levels.
+        max_batches: use at most this many batches (per level); the rest of ``data`` is never read.
+        progress: show tqdm progress bars.
+        input_fn: turns one batch into the model's inputs (a tensor, a tuple or a dict) where the rule does not fit.
+
+    Runs under ``torch.no_grad()`` in eval mode on the model's device, and restores the model's modes.
     """
-    eqs = list(equalizers(model))
-    if not eqs or not hasattr(model, "_se_input_form"):
-        raise ValueError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")
-    for level, targets in _by_level(eqs):
-        data = _reiterable(data)
-        calibrate_level(model, targets, data, max_batches=max_batches, progress=progress,
-                        desc=f"calibrating level {level}")
+    eqs = equalizers(model)
+    if not eqs:
+        raise UsageError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")
+    folded = [eq.name for eq in eqs if eq.folded]
+    if folded:
+        raise UsageError(f"{', '.join(folded)} were folded into the model's weights by se_surgery.fold; "
+                         f"recalibrating them would change what the folded model computes. Calibrate the equalized "
+                         f"model before folding, then fold again.")
+    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn)
     return model
 
 
-def _by_level(eqs: list[ScaleEqualizer]) -> list[tuple[int, list[ScaleEqualizer]]]:
+def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, max_batches: int | None,
+               progress: bool, input_fn: InputFn | None, after_level: Callable | None = None) -> None:
+    """Calibrate ``eqs`` level by level, one pass over ``data`` per level."""
     levels = sorted({eq.site.level for eq in eqs})
-    return [(lv, [eq for eq in eqs if eq.site.level == lv]) for lv in levels]
+    if len(levels) > 1 and isinstance(data, Iterator):
+        data = _Replay(data)
+    for level in levels:
+        targets = [eq for eq in eqs if eq.site.level == level]
+        calibrate_level(model, targets, data, max_batches=max_batches, progress=progress,
+                        desc=f"calibrating level {level}", input_fn=input_fn)
+        if after_level is not None:
+            after_level(targets)
 
 
-def _reiterable(data: Iterable) -> Iterable:
-    """A one-shot iterator is kept in memory so that chained sites can be calibrated in several passes."""
-    if isinstance(data, Iterator):
-        return list(data)
-    return data
+class _Replay:
+    """A one-shot iterator read once, lazily; the batches read are kept and replayed by later passes."""
+
+    def __init__(self, source: Iterator) -> None:
+        self.source, self.kept = source, []
+
+    def __iter__(self) -> Iterator:
+        yield from self.kept
+        for batch in self.source:
+            self.kept.append(batch)
+            yield batch

@@ -2,7 +2,7 @@
 
 torch.export(strict=False) captures models that torch.fx.symbolic_trace cannot (shape checks, list inputs), but the
 exported module is fixed to the traced signature and ignores .train()/.eval(). So se_surgery never runs the
-exported graph: it reads it to find sites, then edits the user's own eager module (see equalizer.py).
+exported graph: it reads it to find sites, then edits the user's own eager module (see runtime.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CaptureError, UsageError
+from .modes import eval_mode
+
 ExampleInputs = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
-
-
-class CaptureError(RuntimeError):
-    """The model could not be captured as a graph."""
 
 
 def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -28,7 +27,7 @@ def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[s
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
-    raise TypeError(
+    raise UsageError(
         f"example_inputs must be a tuple of positional inputs, a dict of keyword inputs or a tensor, "
         f"got {type(example_inputs).__name__}"
     )
@@ -37,15 +36,12 @@ def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[s
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> torch.export.ExportedProgram:
     """Export ``model`` in eval mode (the graph deployment sees) without changing its mode or weights."""
     args, kwargs = split_inputs(example_inputs)
-    was_training = model.training
-    model.eval()
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with eval_mode(model):
+            return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # torch.export raises many types; all mean the same thing to the user
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} with the given example_inputs "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Check that the model "
             f"runs on example_inputs as given (a tuple of positional inputs or a dict of keyword inputs)."
         ) from error
-    finally:
-        model.train(was_training)

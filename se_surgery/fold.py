@@ -13,13 +13,15 @@ equalized model computes what the original did) and folding for deployment (``e 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .equalizer import equalizers, remove_equalizer
-from .find import Consumer
+from .errors import NotCalibratedError
+from .runtime import detach, equalizers, registry
+from .site import Consumer
 
 
 def absorb_input_affine(model: nn.Module, consumer: Consumer, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -51,38 +53,64 @@ class FoldStep:
     """What folding did at one site."""
 
     site: str
-    action: str   # "folded", "scale folded, shift kept" or "kept"
+    action: str   # "folded", "scale folded, shift moved before the resize", "moved before the resize" or "kept"
     detail: str
 
 
-def fold(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, list[FoldStep]]:
-    """Fold frozen equalizers into their consumers for deployment; returns the model and what was done per site.
+def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold frozen equalizers into the model for deployment, as ``torch.fx``'s ``fuse`` folds BatchNorm.
 
-    Exact: the scale always folds into the consumer's weights; the shift folds into its bias (or the running mean
-    of the BatchNorm after it) where the consumer has no zero padding. Elsewhere the equalizer (or its shift) is
-    kept, so the outputs stay the same. Not for training: folding changes the gradient scales, which are the point.
+    Exact, by the cheapest form (the ONNX fold does the same): the scale goes into the consumer conv's weights; the
+    shift into its bias (or the running mean of the BatchNorm after a bias-free conv) where the consumer has no zero
+    padding. What cannot fold (the shift at a zero-padded conv; scale and shift at an addition) stays as an
+    equalizer that acts on the low-resolution input of its resize, where it costs 1/factor^d as much. Not for
+    training: folding changes the gradient scales, which are the point.
+
+    Args:
+        model: an equalized, calibrated model.
+        inplace: fold into ``model`` itself instead of a deep copy.
+
+    Returns:
+        The folded model. What was done per site is in ``se_surgery.describe(model)`` and
+        ``model.scale_equalizers.folds`` (a list of :class:`FoldStep`). A model without equalizers comes back
+        unchanged, with a warning.
     """
     target = model if inplace else copy.deepcopy(model)
-    eqs = list(equalizers(target))
+    eqs = equalizers(target)
     if not eqs:
-        raise ValueError(f"{type(model).__name__} has no scale equalizers to fold.")
-    steps = []
+        warnings.warn(f"se_surgery: {type(model).__name__} has no scale equalizers to fold; returned unchanged.",
+                      stacklevel=2)
+        return target
+    uncalibrated = [eq.name for eq in eqs if not eq.is_calibrated]
+    if uncalibrated:
+        raise NotCalibratedError(f"{', '.join(uncalibrated)} not calibrated; call se_surgery.calibrate before "
+                                 f"folding.")
+    reg = registry(target)
     for eq in eqs:
-        if not eq.is_calibrated:
-            raise ValueError(f"site {eq.site.name} is not calibrated; calibrate before folding.")
-        consumer = eq.site.consumer
+        if eq.folded:
+            continue
+        consumer, site = eq.site.consumer, eq.site
+        movable = site.kind == "upsample"
+        std, mean = eq.std.double(), eq.mean.double()
         if consumer is None:
-            steps.append(FoldStep(eq.site.name, "kept", f"the branch reaches a {eq.site.fusion} before any conv"))
+            if movable:
+                eq.before_resize = True
+                eq.folded = f"the branch meets a {site.fusion} before any conv: moved before the resize"
+                reg.folds.append(FoldStep(site.name, "moved before the resize", eq.folded))
+            else:
+                reg.folds.append(FoldStep(site.name, "kept", f"the branch meets a {site.fusion} before any conv"))
             continue
         where = consumer.weight.rsplit(".", 1)[0]
         full = shift_absorbable(consumer) and not consumer.zero_padded
-        std, mean = eq.std.double(), eq.mean.double()
         absorb_input_affine(target, consumer, 1 / std, -mean / std if full else torch.zeros_like(mean))
         if full:
-            remove_equalizer(target, eq)
-            steps.append(FoldStep(eq.site.name, "folded", f"into {where}"))
-        else:
-            eq.std.fill_(1.0)
-            why = "is zero-padded" if consumer.zero_padded else "has no bias or BatchNorm"
-            steps.append(FoldStep(eq.site.name, "scale folded, shift kept", f"{where} {why}"))
-    return target, steps
+            detach(target, eq, keep_registry=True)
+            reg.folds.append(FoldStep(site.name, "folded", f"into {where}"))
+            continue
+        eq.std.fill_(1.0)
+        why = "is zero-padded" if consumer.zero_padded else "has no bias or BatchNorm"
+        eq.before_resize = movable
+        eq.folded = f"scale into {where}; shift {'moved before the resize' if movable else 'kept'} ({where} {why})"
+        reg.folds.append(FoldStep(site.name, "scale folded, shift " + ("moved before the resize" if movable
+                                                                        else "kept"), f"{where} {why}"))
+    return target

@@ -18,15 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import CalibrationError, RunningMoments, _device, model_calls
+from .calibrate import RunningMoments, _device, model_calls
 from .capture import ExampleInputs
-from .equalizer import equalizers
+from .errors import CalibrationError
 from .files import atomic_write
+from .runtime import equalizers, registry
 
 
 def describe(model: nn.Module) -> str:
-    """One row per equalizer: where, factor, align_corners, fusion, level, mean, std (and compensation)."""
+    """One row per equalizer: where, factor, align_corners, fusion, level, mean, std, what ``preserve_function``
+    and ``fold`` did, and the source line.
+
+    Args:
+        model: any model (one without equalizers gets a one-line answer).
+    """
     rows = []
+    reg = registry(model)
     for eq in equalizers(model):
         site = eq.site
         factor = f"x{site.factor:.3g}" if site.factor else "-"
@@ -35,18 +42,21 @@ def describe(model: nn.Module) -> str:
             std = f"{eq.std.mean().item():.4g}" + ("*" if eq.per_channel else "")
         else:
             mean = std = "uncalibrated"
-        rows.append([site.name, site.kind, factor, str(site.align_corners) if site.kind == "upsample" else "-",
-                     site.fusion, str(site.level), mean, std, eq.compensation or "-", site.source])
+        rows.append([site.name, site.mode or site.kind, factor,
+                     str(site.align_corners) if site.kind == "upsample" else "-", site.fusion, str(site.level), mean,
+                     std, eq.compensation or "-", eq.folded or "-", site.where])
+    folded = [f"  {step.site}: {step.action} ({step.detail})" for step in (reg.folds if reg is not None else [])]
     if not rows:
-        return f"{type(model).__name__}: no scale equalizers."
-    header = ["site", "kind", "factor", "align_corners", "fusion", "level", "mean", "std", "preserve", "source"]
+        text = f"{type(model).__name__}: no scale equalizers."
+        return "\n".join([text, "folded by se_surgery.fold:", *folded]) if folded else text
+    header = ["site", "kind", "factor", "align_corners", "fusion", "level", "mean", "std", "preserve", "fold",
+              "source"]
     foot = f"{len(rows)} equalizer(s) in {type(model).__name__}"
     if any(eq.per_channel for eq in equalizers(model)):
         foot += "; * = mean over channels"
-    change = getattr(model, "_se_output_change", None)
-    if change is not None:
-        foot += f"; preserve_function moved the output by {change:.3g} (relative)"
-    return _table(header, rows) + "\n" + foot
+    if reg.output_change is not None:
+        foot += f"; preserve_function moved the output by {reg.output_change:.3g} (relative)"
+    return "\n".join([_table(header, rows), foot] + (["folded by se_surgery.fold:", *folded] if folded else []))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -61,7 +71,7 @@ class BranchScale:
 
     fusion: str                 # the fusion op, ``owner.callN_fusionK``
     branch: str                 # the site name of this branch (its resize, or its input slot of the fusion)
-    factor: float | None        # bilinear upsampling factor; None for a branch that is not bilinearly upsampled
+    factor: float | None        # upsampling factor; None for a branch that is not upsampled by interpolation
     align_corners: bool | None
     equalized: bool             # passes through a calibrated ScaleEqualizer of the model
     mean: float                 # of the branch as it enters the fusion, over the batches
@@ -193,7 +203,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     running statistics, no dropout), so the numbers are deterministic. ``data`` yields batches in the form of
     ``example_inputs``.
     """
-    from .insert import equalize
+    from .equalize import equalize
 
     probe = copy.deepcopy(model)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}

@@ -26,7 +26,9 @@ def test_running_moments_match_numpy_on_a_large_badly_offset_input():
         moments.update(torch.from_numpy(c))
     everything = np.concatenate(chunks)
     assert moments.count == everything.size
-    assert moments.mean.item() == pytest.approx(everything.mean(), rel=1e-15, abs=1e-9)
+    # torch.var_mean (Welford, double accumulators) per chunk instead of a float64 copy of every feature map:
+    # within a few ulps of numpy's pairwise sum.
+    assert moments.mean.item() == pytest.approx(everything.mean(), rel=1e-14)
     assert moments.std.item() == pytest.approx(everything.std(), rel=1e-9)
     # Per channel (dim 1 kept) equals numpy over the other axes.
     x = gen.standard_normal((20, 3, 7, 5)) * np.array([1, 10, 100])[None, :, None, None] + 5
@@ -150,7 +152,7 @@ def test_preserve_function_reports_sites_it_cannot_keep():
     reasons = {e.site.name: e.compensation for e in se.equalizers(eq)}
     assert any("zero-padded" in r for r in reasons.values())
     assert any(r.startswith("not possible") for r in reasons.values())
-    assert eq._se_output_change > 0
+    assert eq.scale_equalizers.output_change > 0
     assert "moved the output" in se.describe(eq) and "relative" in str(record[0].message)
 
 

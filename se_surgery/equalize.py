@@ -1,0 +1,155 @@
+"""equalize(): capture, find, attach, verify, calibrate, and optionally keep the pretrained function."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .calibrate import InputFn, run_levels
+from .capture import ExampleInputs, capture, split_inputs
+from .equalizer import ScaleEqualizer
+from .errors import SiteMismatchError, UsageError
+from .find import find_sites
+from .fold import absorb_input_affine, shift_absorbable
+from .modes import eval_mode
+from .runtime import attach, equalizers, registry
+
+
+def equalize(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    calibration_data: Iterable | None = None,
+    *,
+    per_channel: bool = False,
+    branches: str = "upsampled",
+    preserve_function: bool = False,
+    inplace: bool = False,
+    max_batches: int | None = None,
+    progress: bool = True,
+    input_fn: InputFn | None = None,
+) -> nn.Module:
+    """Insert a ScaleEqualizer after every interpolating upsampling that feeds a fusion, and calibrate them.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export.export(..., strict=False)`` captures on ``example_inputs``.
+        example_inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor, at the training size.
+        calibration_data: batches to measure the statistics on (see :func:`se_surgery.calibrate`); ``None`` leaves
+            the equalizers uncalibrated, and the model refuses to run until ``se_surgery.calibrate`` is called.
+        per_channel: one mean/std per channel instead of the paper's single scalar pair.
+        branches: ``"upsampled"`` (the paper's placement) or ``"all"`` (every input of those fusions).
+        preserve_function: let each site's consumer absorb the statistics so the model computes what it did before.
+        inplace: edit ``model`` itself instead of a deep copy.
+        max_batches: calibrate on at most this many batches per level.
+        progress: show tqdm progress bars.
+        input_fn: turns one calibration batch into the model's inputs, where the documented rule does not fit.
+
+    Returns:
+        The model (a copy unless ``inplace``): same class and call signature, plus ``model.scale_equalizers``.
+    """
+    if preserve_function and calibration_data is None:
+        raise UsageError("preserve_function=True needs calibration_data: the compensation uses the statistics.")
+    args, kwargs = split_inputs(example_inputs)
+    target = model if inplace else copy.deepcopy(model)
+    with bypassed(target):
+        sites = find_sites(capture(target, example_inputs), branches=branches)
+    if not sites:
+        warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__}; "
+                      f"the model is returned unchanged.", stacklevel=2)
+        return target
+    added = attach(target, sites, per_channel=per_channel)
+    if not added:
+        warnings.warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
+                      f"nothing added.", stacklevel=2)
+        return target
+    registry(target).input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    unlocated = [eq.name for eq in added if not eq.site.source]
+    if unlocated:
+        warnings.warn(f"se_surgery: {', '.join(unlocated)} come from code without a source file (python -c, exec), "
+                      f"so they are told apart by the order of their owner's calls alone; a forward that makes other "
+                      f"calls at another input size can misplace them. Define the model in a .py file.", stacklevel=2)
+    _verify(target, added, args, kwargs)
+    if calibration_data is None:
+        return target
+    reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
+    run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
+               after_level=(lambda eqs: [_compensate(target, eq) for eq in eqs]) if preserve_function else None)
+    if preserve_function:
+        _report_change(target, reference, args, kwargs)
+    return target
+
+
+@contextlib.contextmanager
+def bypassed(model: nn.Module) -> Iterator[None]:
+    """Inside the block, the model's equalizers (if any) pass their input through."""
+    reg = registry(model)
+    if reg is not None:
+        reg.bypass = True
+    try:
+        yield
+    finally:
+        if reg is not None:
+            reg.bypass = False
+
+
+def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None:
+    """Run the example once and check that every new equalizer saw exactly the tensor the graph promised."""
+    seen: dict[int, list[tuple[int, ...]]] = {id(eq): [] for eq in added}
+    for eq in added:
+        eq.observer = lambda x, eq=eq: seen[id(eq)].append(tuple(x.shape))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for eq in added:
+            eq.observer = None
+    for eq in added:
+        if seen[id(eq)] != [eq.site.shape]:
+            raise SiteMismatchError(
+                f"site {eq.name} ({eq.site.where}) expected one {eq.site.kind} of shape {eq.site.shape} at run "
+                f"time but saw {seen[id(eq)] or 'none'}. The module's forward calls differ between torch.export and "
+                f"eager execution; please report this with the model's class.")
+
+
+def _outputs(model: nn.Module, args, kwargs, bypass: bool = False) -> list[torch.Tensor]:
+    with eval_mode(model), torch.no_grad():
+        if bypass:
+            with bypassed(model):
+                out = model(*args, **kwargs)
+        else:
+            out = model(*args, **kwargs)
+    return [t.detach().clone() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _compensate(model: nn.Module, eq: ScaleEqualizer) -> None:
+    """Let the site's consumer absorb ``x = sigma * e + mu`` so the model computes what it did before."""
+    consumer = eq.site.consumer
+    if consumer is None:
+        eq.compensation = f"not possible: the branch reaches a {eq.site.fusion} before any conv"
+        return
+    shift = eq.mean if shift_absorbable(consumer) else torch.zeros_like(eq.mean)
+    absorb_input_affine(model, consumer, eq.std, shift)
+    where = consumer.weight.rsplit(".", 1)[0]
+    if not shift_absorbable(consumer):
+        eq.compensation = f"scale only: {where} has no bias or BatchNorm to take the shift"
+    elif consumer.zero_padded:
+        eq.compensation = f"inexact at borders: {where} is zero-padded"
+    else:
+        eq.compensation = f"exact, in {where}" + (" (BatchNorm running_mean)" if consumer.bias is None else "")
+
+
+def _report_change(model: nn.Module, reference: list[torch.Tensor], args, kwargs) -> None:
+    after = _outputs(model, args, kwargs)
+    change = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(after, reference))
+    registry(model).output_change = change
+    inexact = [eq.name for eq in equalizers(model) if eq.compensation and not eq.compensation.startswith("exact")]
+    if inexact:
+        warnings.warn(f"se_surgery: preserve_function could not keep the function exactly at {len(inexact)} "
+                      f"site(s) ({', '.join(inexact)}); the output moved by {change:.3g} (max abs difference "
+                      f"relative to the output's max abs) on example_inputs. se_surgery.describe(model) gives the "
+                      f"reason per site.", stacklevel=3)

@@ -1,0 +1,110 @@
+"""The records the graph pass produces and everything downstream reads: where an equalizer goes (``Site``) and the
+conv that can absorb it (``Consumer``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """The first conv/linear a site's branch meets: where its scale (and maybe shift) can be absorbed."""
+
+    weight: str                 # state_dict key of the consumer's weight
+    bias: str | None            # state_dict key of its bias, if any
+    batchnorm_mean: str | None  # running_mean of a BatchNorm right after it (absorbs a shift when there is no bias)
+    channels: tuple[int, int]   # the slice of the consumer's input channels this branch feeds
+    zero_padded: bool           # zero padding makes the shift inexact at the borders
+    path: str                   # the ops between the site and the consumer, for messages
+
+
+class CallKey(NamedTuple):
+    """What a call *is*, as the run time sees it: which call of its owner module, which op kind ("resize" or
+    "fusion"), the source line it comes from, and which of the calls from that line (a loop makes several)."""
+
+    call: int
+    op: str
+    source: str
+    occurrence: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place that gets a ScaleEqualizer, as found in the graph."""
+
+    owner: str                  # path of the innermost module whose forward makes the call ("" = the model)
+    call: int                   # which call of that module in one forward (shared modules are called twice)
+    owner_calls: int            # how many times the graph calls that module in one forward
+    index: int                  # the resize (kind "upsample") or fusion op (kind "branch") number in that call
+    kind: str                   # "upsample" (the paper's placement) or "branch" (another input of the fusion)
+    arg: int                    # for "branch": which input of the fusion op
+    fusion: str                 # "cat", "stack", "add" or "sub"
+    shape: tuple[int, ...]      # the equalized tensor's shape on the example inputs
+    in_size: tuple[int, ...] | None  # for "upsample": the spatial size before the resize
+    mode: str | None            # for "upsample": "linear", "bilinear", "bicubic" or "trilinear"
+    align_corners: bool | None
+    level: int                  # 0 unless other sites lie upstream; calibration goes level by level
+    consumer: Consumer | None
+    source: str                 # "/path/file.py:line" of the call in the owner's forward
+    occurrence: int             # which of the owner's calls (of this op kind) from that source line
+    line_calls: int             # how many such calls the graph makes from that line in one call of the owner
+    upstream: frozenset[str] = field(default_factory=frozenset)
+    joins: str = ""             # the fusion this branch enters first, as ``owner.callN_fusionK`` (for reports)
+
+    @property
+    def key(self) -> str:
+        """Which of its owner module's calls this is, e.g. ``call0_resize2`` (a name, stable across sizes)."""
+        if self.kind == "upsample":
+            return f"call{self.call}_resize{self.index}"
+        return f"call{self.call}_fusion{self.index}_input{self.arg}"
+
+    @property
+    def name(self) -> str:
+        """Owner path and key, e.g. ``decoder.psp.call0_resize2``; ``model`` when the model's own forward calls."""
+        return f"{self.owner or 'model'}.{self.key}"
+
+    @property
+    def module_name(self) -> str:
+        """The equalizer's key in ``model.scale_equalizers`` (ModuleDict keys cannot hold dots)."""
+        return self.name.replace(".", "_")
+
+    @property
+    def call_key(self) -> CallKey:
+        """The run-time identity of the call this site equalizes (see :class:`CallKey`)."""
+        return CallKey(self.call, "resize" if self.kind == "upsample" else "fusion", self.source, self.occurrence)
+
+    @property
+    def where(self) -> str:
+        """``file.py:line`` for messages."""
+        return os.path.basename(self.source) if self.source else "?"
+
+    @property
+    def factor(self) -> float | None:
+        if self.in_size is None:
+            return None
+        return self.shape[-1] / self.in_size[-1]
+
+
+def _library_files() -> frozenset[str]:
+    import torch
+    import torch.nn.functional
+
+    files = {torch.nn.functional.__file__, torch.overrides.__file__, torch._tensor.__file__,
+             torch.functional.__file__}
+    return frozenset(os.path.normcase(os.path.abspath(f)) for f in files)
+
+
+_PACKAGE = os.path.normcase(os.path.dirname(os.path.abspath(__file__)))
+_LIBRARY: frozenset[str] | None = None
+
+
+def is_caller(filename: str) -> bool:
+    """Whether a frame of this file can be the caller that a site's source line names: not torch's function
+    wrappers (``F.interpolate``, ``__torch_function__`` dispatch, ``Tensor`` operators) nor se_surgery itself."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = _library_files()
+    path = os.path.normcase(os.path.abspath(filename))
+    return path not in _LIBRARY and os.path.dirname(path) != _PACKAGE
