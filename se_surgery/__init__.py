@@ -1,6 +1,7 @@
 """se_surgery: scale equalization for multi-level feature fusion (Kim & Kim, TMLR 2024), for any PyTorch model."""
 
 from .calibrate import calibrate
+from .checkpoint import restore
 from .equalize import equalize
 from .equalizer import ScaleEqualizer
 from .errors import (
@@ -23,6 +24,6 @@ __all__ = [
     "BranchScale", "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "NotCalibratedError",
     "OnnxError", "ScaleEqualizer", "ScaleReport", "SeSurgeryError", "Site", "SiteMismatchError", "UsageError",
     "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold", "fold_onnx",
-    "scale_report",
+    "restore", "scale_report",
 ]
 __version__ = "0.2.0"

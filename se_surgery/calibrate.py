@@ -31,6 +31,8 @@ from .runtime import equalizers, registry
 InputFn = Callable[[Any], Any]
 # A branch whose std is below this fraction of its RMS carries only rounding noise: equalizing would amplify it.
 DEAD_RELATIVE_STD = 1e-4
+# A branch this quiet in absolute terms is most likely dead in an untrained model: a warning names it.
+TINY_STD = 1e-6
 
 
 class RunningMoments:
@@ -227,6 +229,12 @@ def _checked(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor,
             f"(std {std.max().item():.3g} against a magnitude of {(mean * mean + std * std).sqrt().max().item():.3g}: "
             f"a dead branch, its input is constant up to rounding). Dividing by that std would amplify rounding "
             f"noise. Calibrate on real, varied data, or check the layers before it ({eq.site.where}).")
+    if bool((std < TINY_STD).any()):
+        warnings.warn(f"se_surgery: site {eq.name}: its input has std {std.min().item():.3g} (mean "
+                      f"{mean.abs().max().item():.3g}), far below what features usually carry; the equalizer "
+                      f"multiplies it by {1 / std.min().item():.3g}, which also amplifies rounding noise. Calibrate "
+                      f"with trained weights and real data, or check the layers before it ({eq.site.where}).",
+                      stacklevel=4)
     return mean.to(eq.mean.dtype), std.to(eq.std.dtype)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .calibrate import InputFn, run_levels
-from .capture import ExampleInputs, capture, split_inputs
+from .capture import ExampleInputs, capture, default_example, split_inputs
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
 from .find import find_sites
@@ -23,7 +23,7 @@ from .runtime import attach, equalizers, registry
 
 def equalize(
     model: nn.Module,
-    example_inputs: ExampleInputs,
+    example_inputs: ExampleInputs | None = None,
     calibration_data: Iterable | None = None,
     *,
     per_channel: bool = False,
@@ -39,6 +39,9 @@ def equalize(
     Args:
         model: any ``nn.Module`` that ``torch.export.export(..., strict=False)`` captures on ``example_inputs``.
         example_inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor, at the training size.
+            ``None``: a random batch of one at 512 px (2-D; 64 for 3-D, 4096 for 1-D) with the channels of the
+            model's first convolution (transformers: ``pixel_values`` with ``config.num_channels``), announced in a
+            warning.
         calibration_data: batches to measure the statistics on (see :func:`se_surgery.calibrate`); ``None`` leaves
             the equalizers uncalibrated, and the model refuses to run until ``se_surgery.calibrate`` is called.
         per_channel: one mean/std per channel instead of the paper's single scalar pair.
@@ -54,6 +57,13 @@ def equalize(
     """
     if preserve_function and calibration_data is None:
         raise UsageError("preserve_function=True needs calibration_data: the compensation uses the statistics.")
+    if example_inputs is None:
+        example_inputs = default_example(model)
+        shown = {k: tuple(v.shape) for k, v in example_inputs.items()} if isinstance(example_inputs, dict) \
+            else tuple(example_inputs[0].shape)
+        warnings.warn(f"se_surgery: no example_inputs given; finding the sites of {type(model).__name__} on a random "
+                      f"input of shape {shown}. Pass example_inputs at your training size if it differs.",
+                      stacklevel=2)
     args, kwargs = split_inputs(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     with bypassed(target):
@@ -67,7 +77,14 @@ def equalize(
         warnings.warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
                       f"nothing added.", stacklevel=2)
         return target
-    registry(target).input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    reg = registry(target)
+    reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    tensors = [*args, *kwargs.values()]
+    if all(isinstance(t, torch.Tensor) for t in tensors):  # what restore() needs to find the same sites again
+        reg.recipe = {"version": 1, "input_kind": reg.input_form[0], "input_names": list(kwargs),
+                      "shapes": [list(t.shape) for t in tensors],
+                      "dtypes": [str(t.dtype).split(".")[1] for t in tensors], "per_channel": per_channel,
+                      "branches": branches, "sites": [eq.name for eq in equalizers(target)]}
     unlocated = [eq.name for eq in added if not eq.site.source]
     if unlocated:
         warnings.warn(f"se_surgery: {', '.join(unlocated)} come from code without a source file (python -c, exec), "

@@ -16,6 +16,7 @@ equalizers by name, the owners' site tables and the hooks' handles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections import defaultdict
@@ -28,6 +29,7 @@ from torch._guards import TracingContext
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from .checkpoint import decode, encode
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
 from .site import CallKey, Site, is_caller
@@ -103,6 +105,42 @@ class EqualizerRegistry(nn.ModuleDict):
         self.calls: dict[str, int] = {}              # shared owners: calls so far in this forward
         self.busy = False                            # inside an equalizer: its own ops are not calls of the owner
         self.bypass = False                          # equalizers pass through (capturing an equalized model)
+        self.recipe: dict = {}                       # how equalize was called (checkpoint.py: what restore needs)
+
+    # The recipe rides in the state_dict as ``scale_equalizers._extra_state`` (a uint8 tensor of JSON, so that
+    # safetensors files keep it), with what preserve_function and fold did per site. A registry emptied by fold
+    # adds no key, so a fully folded model's state_dict is the plain model's.
+    def get_extra_state(self) -> torch.Tensor:
+        state = dict(self.recipe, output_change=self.output_change,
+                     folds=[dataclasses.asdict(step) for step in self.folds],
+                     equalizers={name: {"compensation": eq.compensation, "folded": eq.folded,
+                                        "before_resize": eq.before_resize} for name, eq in self.items()})
+        return encode(state)
+
+    def set_extra_state(self, value) -> None:
+        from .fold import FoldStep
+
+        state = decode(value)
+        per = state.pop("equalizers", {})
+        self.output_change = state.pop("output_change", None)
+        self.folds = [FoldStep(**step) for step in state.pop("folds", [])]
+        self.recipe = state
+        for name, eq in self.items():
+            for attr, value in per.get(name, {}).items():
+                setattr(eq, attr, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not len(self):
+            destination.pop(prefix + _EXTRA, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if not len(self) and prefix + _EXTRA in missing_keys:
+            missing_keys.remove(prefix + _EXTRA)
+
+
+_EXTRA = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
 def registry(model: nn.Module) -> EqualizerRegistry | None:

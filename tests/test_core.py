@@ -177,11 +177,10 @@ def test_bad_calibration_data_gets_errors_that_name_the_site():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0.*NaN or Inf.*batch 1"):
         se.equalize(model, (x,), [x, bad], progress=False)
-    with pytest.raises(se.CalibrationError, match=r"batch 0 is a tuple of 2 items.*1 positional"):
-        se.equalize(model, (x,), [(x, torch.zeros(2))], progress=False)
-    with pytest.raises(se.CalibrationError, match="keyword"):
-        se.equalize(build("hf_segformer"), {"pixel_values": x[:, :, :32, :32].repeat(1, 1, 2, 2)}, [x],
-                    progress=False)
+    with pytest.raises(se.CalibrationError, match=r"batch 0 is a dict, .*1 positional.*input_fn="):
+        se.equalize(model, (x,), [{"image": x}], progress=False)
+    with pytest.raises(se.CalibrationError, match=r"lacks the keyword input\(s\) \['pixel_values'\]"):
+        se.equalize(build("hf_segformer"), {"pixel_values": x.repeat(1, 1, 2, 2)}, [{"image": x}], progress=False)
     dead = _TwoBranch()
     nn.init.zeros_(dead.coarse.weight), nn.init.zeros_(dead.coarse.bias)
     with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0 has zero variance.*dead branch"):

@@ -1,0 +1,149 @@
+"""Save and restore: an equalized model's state_dict carries what rebuilding it needs, so ``restore`` gives the
+same equalized model back from any checkpoint users make (a state_dict, ``torch.save``/safetensors files, the
+``save_pretrained`` folders of transformers and smp, ``se-surgery equalize -o`` files).
+
+The recipe (example input shapes and dtypes, input names, options, site names, what preserve_function and fold
+did) rides in the state_dict as ``scale_equalizers._extra_state``: a uint8 tensor of JSON, so safetensors files
+keep it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+RECIPE_KEY = "scale_equalizers._extra_state"
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+
+
+def encode(recipe: dict) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(recipe, sort_keys=True).encode()), dtype=torch.uint8).clone()
+
+
+def decode(value: Any) -> dict:
+    if isinstance(value, torch.Tensor):
+        return json.loads(bytes(value.cpu().tolist()).decode())
+    return dict(value)
+
+
+def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Any]:
+    """A state_dict from a mapping, a ``.safetensors`` file, a ``torch.save`` file (``weights_only=True``: no code
+    runs), a ``save_pretrained`` folder (transformers, smp; sharded too), or an ``se-surgery equalize -o`` file."""
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            index = next((path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                          if (path / n).exists()), None)
+            if index is not None:
+                state = {}
+                for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                    state.update(read_state_dict(path / shard))
+                return state
+            found = next((path / n for n in _WEIGHT_FILES if (path / n).exists()), None)
+            if found is None:
+                raise UsageError(f"{path}: no weights file in it (looked for {', '.join(_WEIGHT_FILES)}).")
+            return read_state_dict(found)
+        if not path.exists():
+            raise UsageError(f"{path}: no such file.")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as error:
+                raise UsageError(f"{path}: not a checkpoint that loads with torch.load(weights_only=True) "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0]}).") from error
+            if not isinstance(state, Mapping):
+                raise UsageError(f"{path}: holds a {type(state).__name__}, not a state_dict.")
+    if isinstance(state.get("state_dict"), Mapping):  # {"state_dict": ..., ...}, e.g. se-surgery equalize -o
+        state = dict(state["state_dict"])
+    return state
+
+
+def example_from(recipe: dict, device: torch.device) -> tuple | dict:
+    """Example inputs of the recorded shapes and dtypes (values do not matter: sites depend on shapes)."""
+    tensors = [torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+               for shape, dtype in zip(recipe["shapes"], recipe["dtypes"])]
+    if recipe["input_kind"] == "kwargs":
+        return dict(zip(recipe["input_names"], tensors))
+    return tuple(tensors)
+
+
+def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True) -> nn.Module:
+    """Give an equalized model back from a checkpoint of one, bit for bit.
+
+    Args:
+        model: the model as its library builds it (e.g. ``Cls.from_pretrained(folder)``, ``smp.UPerNet(...)``),
+            without equalizers; it is edited in place.
+        source: a state_dict, a ``.pt``/``.bin``/``.safetensors`` file, a ``save_pretrained`` folder, or a file
+            written by ``se-surgery equalize -o``.
+        strict: passed to ``load_state_dict``.
+
+    Returns:
+        ``model``, equalized at the same sites as the saved one, with all saved weights and statistics loaded.
+    """
+    from .equalize import equalize
+    from .runtime import detach, equalizers, registry
+
+    state = read_state_dict(source)
+    if RECIPE_KEY not in state:
+        raise UsageError(f"{_name(source)} holds no se_surgery equalizers (no {RECIPE_KEY} entry): it is a checkpoint "
+                         f"of a plain model; load it with model.load_state_dict, or equalize after loading.")
+    recipe = decode(state[RECIPE_KEY])
+    if registry(model) is not None:
+        raise UsageError(f"{type(model).__name__} already has equalizers; restore into the model as its library "
+                         f"builds it.")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        equalize(model, example_from(recipe, device), None, per_channel=recipe["per_channel"],
+                 branches=recipe["branches"], inplace=True, progress=False)
+    found = [eq.name for eq in equalizers(model)]
+    if found != recipe["sites"]:
+        raise UsageError(f"{_name(source)} has equalizers at {recipe['sites']}, but {type(model).__name__} gives "
+                         f"sites {found}: restore into the same architecture it was saved from.")
+    saved = {key.split(".")[1] for key in state if key.startswith("scale_equalizers.") and key != RECIPE_KEY}
+    for eq in equalizers(model):  # se_surgery.fold folded these away before the model was saved
+        if eq.site.module_name not in saved:
+            detach(model, eq, keep_registry=True)
+    if _transformers_folder(source):
+        # transformers renames keys when it saves; from_pretrained has loaded the model's own weights already.
+        ours = {k: v for k, v in state.items() if k.startswith("scale_equalizers.")}
+        others = {k: v for k, v in state.items() if k not in ours}
+        if _fingerprints(others.values()) - _fingerprints(model.state_dict().values()):
+            raise UsageError(f"{_name(source)}: the model's weights are not the saved ones; load it with "
+                             f"{type(model).__name__}.from_pretrained({_name(source)!r}) before restore.")
+        model.scale_equalizers.load_state_dict({k.split(".", 1)[1]: v for k, v in ours.items()}, strict=strict)
+    else:
+        model.load_state_dict(state, strict=strict)
+    return model
+
+
+def _transformers_folder(source: Any) -> bool:
+    config = Path(source) / "config.json" if isinstance(source, (str, os.PathLike)) else None
+    return config is not None and config.exists() and "transformers_version" in json.loads(config.read_text())
+
+
+def _fingerprints(tensors) -> set[tuple]:
+    import hashlib
+
+    return {(str(t.dtype), tuple(t.shape), hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                                                         .numpy().tobytes()).hexdigest())
+            for t in tensors if isinstance(t, torch.Tensor) and t.numel()}
+
+
+def _name(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
