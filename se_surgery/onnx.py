@@ -16,7 +16,6 @@ PyTorch) before it is written; a fold that cannot be confirmed is not written, a
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -48,6 +47,8 @@ class FoldReport:
     export_error: float | None = None  # unfolded graph (onnxruntime) vs PyTorch, from export_onnx
     checked_shapes: list[tuple[int, ...]] = field(default_factory=list)
     path: str = ""
+    inputs: dict[str, list] = field(default_factory=dict)   # the graph's input dims (names: dynamic)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         if not self.folds:
@@ -59,6 +60,8 @@ class FoldReport:
                      f"output's max abs, on inputs {self.checked_shapes}")
         if self.export_error is not None:
             lines.append(f"unfolded ONNX vs PyTorch: {self.export_error:.3g} (relative)")
+        lines += [f"input {name}: {dims}" for name, dims in self.inputs.items()]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -68,18 +71,26 @@ def _relative_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
 
 def fold_onnx(source: str | os.PathLike, destination: str | os.PathLike, *, check_sizes: tuple[int, ...] = (128, 160),
               tolerance: float = 1e-5) -> FoldReport:
-    """Fold the scale equalizers of an ONNX file into ``destination``, checked by onnxruntime.
+    """Fold the scale equalizers of an ONNX file into a new, self-contained file, checked by onnxruntime.
 
-    Works on graphs exported by ``torch.onnx.export`` (and others) with the equalizers present, found by pattern
-    (Resize, then constant Sub/Add and Div/Mul, meeting a Concat or Add) and by the metadata se_surgery writes.
-    The folded graph must match the original under onnxruntime on random inputs (symbolic spatial dims set to
-    each of ``check_sizes``) within ``tolerance`` (max abs error relative to the output's max abs), or nothing is
-    written. A graph with nothing to fold is written unchanged, and the report says so.
+    Args:
+        source: an ONNX file, e.g. written by ``torch.onnx.export(model, args, "model.onnx")``; external data is
+            read from beside it, all of it at once: no input file is read, changed or written afterwards.
+        destination: the file to write: weights inline below 2 GB, else in ``<destination>.data`` beside it. It
+            loads from any working directory and can be moved with its ``.data`` file. Never one of the input's
+            files.
+        check_sizes: symbolic spatial dims are set to each of these for the check (a symbolic batch to 1).
+        tolerance: the folded graph must match the original within this max abs error, relative to the output's
+            max abs, or nothing is written.
+
+    Returns:
+        A :class:`FoldReport`. Equalizers are found by pattern: a Resize, then constant Sub/Add and Div/Mul, meeting
+        a Concat or Add. A graph with nothing to fold is written unchanged, and the report says so.
     """
     from . import onnx_graph as g
 
-    original = g.load(source)
-    model = g.load(source)
+    original, inputs = g.load(source)
+    model = ir_copy(original)
     report = FoldReport(nodes_before=len(list(original.graph)), path=os.fspath(destination))
     report.folds = g.fold_graph(model)
     report.nodes_after = len(list(model.graph))
@@ -90,91 +101,142 @@ def fold_onnx(source: str | os.PathLike, destination: str | os.PathLike, *, chec
         report.checked_shapes = [tuple(next(iter(f.values())).shape) for f in feeds]
         if not report.max_abs_error <= tolerance:
             raise OnnxError(f"onnxruntime does not confirm the fold (error {report.max_abs_error:.3g} > "
-                                f"{tolerance:g}); nothing was written.")
-    g.write(model, destination, [os.fspath(source)])
+                            f"{tolerance:g}); nothing was written.")
+    g.write(model, destination, inputs)
     return report
+
+
+def ir_copy(model):
+    """An independent copy of an in-memory onnx-ir model."""
+    import onnx_ir as ir
+
+    return ir.from_proto(ir.to_proto(model))
 
 
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
-                dynamic_spatial: bool = True, check_inputs: list[ExampleInputs] | None = None,
-                tolerance: float = 1e-5, export_tolerance: float = 1e-3, fold: bool = True) -> FoldReport:
-    """Export an equalized model to ONNX with its equalizers folded; dynamic batch, height and width by default.
+                dynamic_spatial: bool = True, dynamic_batch: bool = True,
+                check_inputs: list[ExampleInputs] | None = None, tolerance: float = 1e-5,
+                export_tolerance: float = 1e-3, fold: bool = True) -> FoldReport:
+    """Export an equalized model to ONNX with its equalizers folded, checked by onnxruntime.
 
-    Checked with onnxruntime on ``example_inputs``, on a random input 32 px larger (when ``dynamic_spatial``)
-    and on ``check_inputs``: the folded graph must match the unfolded one within ``tolerance`` (the fold is exact
-    up to float32 rounding) and the unfolded one must match PyTorch within ``export_tolerance`` (what the exporter
-    and onnxruntime's kernels give); errors are max abs differences relative to the output's max abs. Nothing is
-    written otherwise.
+    Args:
+        model: an equalized, calibrated model (one without equalizers is exported as it is).
+        example_inputs: a tuple, dict or tensor; a batch of one is fine (the export runs on it repeated to two, so
+            the batch stays dynamic).
+        path: the file to write (self-contained, see :func:`fold_onnx`).
+        dynamic_spatial: dynamic height/width (and depth for 3-D, length for 1-D inputs).
+        dynamic_batch: a dynamic batch dimension.
+        check_inputs: more inputs to check on.
+        tolerance: the folded graph must match the unfolded one within this (the fold is exact up to rounding).
+        export_tolerance: the unfolded graph must match PyTorch within this (the exporter's and onnxruntime's
+            float arithmetic).
+        fold: fold the equalizers (False: export them as they are).
+
+    Checked on ``example_inputs``, on a random input at batch 3 with every spatial dim 32 larger (what is
+    dynamic), and on ``check_inputs``; errors are max abs differences relative to the output's max abs. Every
+    failure is an :class:`OnnxError` that says why; nothing is written then.
     """
-    import onnx_ir as ir
-
     from . import onnx_graph as g
 
     args, kwargs = split_inputs(example_inputs)
-    with eval_mode(model):
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "unfolded.onnx"
-            _torch_export(model, args, kwargs, raw, dynamic_spatial)
-            unfolded = g.load(raw)
-            unfolded.metadata_props[g.METADATA_KEY] = json.dumps(
-                {f"scale_equalizers.{eq.site.module_name}.{part}": eq.site.name
-                 for eq in equalizers(model) for part in ("mean", "std")})
-            folded = ir.from_proto(ir.to_proto(unfolded))
-            report = FoldReport(folds=g.fold_graph(folded) if fold else [], nodes_before=len(list(unfolded.graph)),
-                                nodes_after=len(list(folded.graph)), path=os.fspath(path), export_error=0.0)
-            checks = [example_inputs] + ([_other_size(args, kwargs)] if dynamic_spatial else [])
-            before, after = g.session(unfolded), g.session(folded)
-            for inputs in checks + list(check_inputs or []):
-                c_args, c_kwargs = split_inputs(inputs)
-                with torch.no_grad():
-                    expected = [t.detach().cpu().numpy() for t in tree_leaves(model(*c_args, **c_kwargs))
-                                if isinstance(t, torch.Tensor)]
-                tensors = [t for t in (*c_args, *c_kwargs.values()) if isinstance(t, torch.Tensor)]
-                feed = {v.name: t.detach().cpu().numpy() for v, t in zip(unfolded.graph.inputs, tensors)}
-                shape = tuple(tensors[0].shape)
-                reference = before.run(None, feed)
-                exported = _relative_error(reference[:len(expected)], expected)
-                if not exported <= export_tolerance:
-                    raise OnnxError(
-                        f"torch.onnx.export's graph (before folding) differs from PyTorch by {exported:.3g} on input "
-                        f"{shape}: the model does not export correctly"
-                        + (" with dynamic height/width (e.g. adaptive pooling to fixed bins, fixed position "
-                           "embeddings); use dynamic_spatial=False" if report.checked_shapes else "")
-                        + f". {path} was not written.")
-                error = _relative_error(after.run(None, feed), reference)
-                if not error <= tolerance:
-                    raise OnnxError(f"the folded graph differs from the unfolded one by {error:.3g} on input "
-                                        f"{shape}; {path} was not written.")
-                report.max_abs_error = max(report.max_abs_error, error)
-                report.export_error = max(report.export_error, exported)
-                report.checked_shapes.append(shape)
-            g.write(folded, path, [])
+    with eval_mode(model), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "unfolded.onnx"
+        _torch_export(model, args, kwargs, raw, dynamic_spatial, dynamic_batch)
+        unfolded, _ = g.load(raw)
+        folded = ir_copy(unfolded)
+        report = FoldReport(folds=g.fold_graph(folded, [eq.site for eq in equalizers(model)]) if fold else [],
+                            nodes_before=len(list(unfolded.graph)), nodes_after=len(list(folded.graph)),
+                            path=os.fspath(path), export_error=0.0,
+                            inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
+                                    for v in unfolded.graph.inputs})
+        first = unfolded.graph.inputs[0].shape
+        batch = 3 if dynamic_batch and not isinstance(first[0], int) else None
+        if dynamic_batch and batch is None:
+            report.notes.append(f"the batch stays fixed at {first[0]}: torch.onnx.export specialised it (the model's "
+                                f"graph bakes the batch size in, e.g. in a reshape)")
+        checks = [("example_inputs", example_inputs)]
+        if batch or dynamic_spatial:
+            checks.append((f"a random input at batch {batch or 'as given'}"
+                           + (", 32 px larger" if dynamic_spatial else ""),
+                           _other_input(args, kwargs, batch, 32 if dynamic_spatial else 0)))
+        checks += [(f"check_inputs[{i}]", c) for i, c in enumerate(check_inputs or [])]
+        before, after = g.session(unfolded), g.session(folded)
+        for label, inputs in checks:
+            c_args, c_kwargs = split_inputs(inputs)
+            expected = [t.detach().cpu().numpy() for t in tree_leaves(model(*c_args, **c_kwargs))
+                        if isinstance(t, torch.Tensor)]
+            tensors = [t for t in (*c_args, *c_kwargs.values()) if isinstance(t, torch.Tensor)]
+            feed = {v.name: t.detach().cpu().numpy() for v, t in zip(unfolded.graph.inputs, tensors)}
+            shape = tuple(tensors[0].shape)
+            baked = label != "example_inputs" and not label.startswith("check_inputs")
+            reference = _run(before, feed, f"the unfolded export on {label} {shape}", path, baked)
+            exported = _relative_error(reference[:len(expected)], expected)
+            if not exported <= export_tolerance:
+                raise OnnxError(f"torch.onnx.export's graph (before folding) differs from PyTorch by {exported:.3g} "
+                                f"on {label} {shape}. {_hint(baked)}{path} was not written.")
+            error = _relative_error(_run(after, feed, f"the folded graph on {label} {shape}", path, baked), reference)
+            if not error <= tolerance:
+                raise OnnxError(f"the folded graph differs from the unfolded one by {error:.3g} on {label} "
+                                f"{shape}; {path} was not written.")
+            report.max_abs_error = max(report.max_abs_error, error)
+            report.export_error = max(report.export_error, exported)
+            report.checked_shapes.append(shape)
+        g.write(folded, path, [])
     return report
 
 
-def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynamic_spatial: bool) -> None:
+def _hint(baked: bool) -> str:
+    if not baked:
+        return "The model does not export correctly with this torch.onnx.export. "
+    return ("torch.onnx.export baked a size of the example into the graph (sizes computed from the input shape, "
+            "adaptive pooling to fixed bins, position embeddings, a reshape that fixes the batch), without se_surgery "
+            "too: export with dynamic_spatial=False (CLI: --static) and/or dynamic_batch=False. ")
+
+
+def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
+    try:
+        return session.run(None, feed)
+    except Exception as error:  # onnxruntime raises its own exception types
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise OnnxError(f"onnxruntime cannot run {what} ({first[:300]}). {_hint(baked)}{path} was not "
+                        f"written.") from error
+
+
+def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynamic_spatial: bool,
+                  dynamic_batch: bool) -> None:
     def dims(value: Any):
-        if isinstance(value, torch.Tensor):
-            auto = torch.export.Dim.AUTO
-            return {0: auto, **({2: auto, 3: auto} if value.dim() == 4 and dynamic_spatial else {})}
-        return None
+        if not isinstance(value, torch.Tensor):
+            return None
+        auto = torch.export.Dim.AUTO
+        return {**({0: auto} if dynamic_batch else {}),
+                **({d: auto for d in range(2, value.dim())} if dynamic_spatial else {})}
+
+    def two(value: Any):  # a batch of one is specialised by torch.export: export on it repeated
+        if dynamic_batch and isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+            return value.expand(2, *value.shape[1:]).contiguous()
+        return value
 
     shapes = {k: dims(v) for k, v in kwargs.items()} if kwargs else tuple(dims(a) for a in args)
     try:
-        program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=shapes,
-                                    verbose=False)
+        program = torch.onnx.export(model, tuple(two(a) for a in args), kwargs={k: two(v) for k, v in kwargs.items()}
+                                    or None, dynamo=True, dynamic_shapes=shapes, verbose=False)
     except Exception as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise OnnxError(f"torch.onnx.export could not export {type(model).__name__} ({first}). This happens "
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        extra = (f" transformers models using {attention!r} attention often export only with eager attention: load "
+                 f"the model with attn_implementation='eager' (from_pretrained or the config) and export again."
+                 if attention not in (None, "eager") else "")
+        raise OnnxError(f"torch.onnx.export could not export {type(model).__name__} ({first[:300]}). This happens "
                         f"without se_surgery too; try dynamic_spatial=False, or export the original model and "
-                        f"fold with se_surgery.fold first.") from error
+                        f"fold with se_surgery.fold first.{extra}") from error
     program.save(os.fspath(path))
 
 
-def _other_size(args: tuple, kwargs: dict) -> ExampleInputs:
-    """The example inputs with height and width 32 larger (random values), to check the dynamic shapes."""
-    def grow(t):
-        if isinstance(t, torch.Tensor) and t.dim() == 4:
-            return torch.randn(*t.shape[:2], t.shape[2] + 32, t.shape[3] + 32, dtype=t.dtype, device=t.device)
+def _other_input(args: tuple, kwargs: dict, batch: int | None, grow: int) -> ExampleInputs:
+    """Random inputs like the example's, at ``batch`` (None: the same) with every spatial dim ``grow`` larger."""
+    def other(t):
+        if isinstance(t, torch.Tensor) and t.dim() >= 3:
+            shape = (batch or t.shape[0], t.shape[1], *[s + grow for s in t.shape[2:]])
+            return torch.randn(shape, dtype=t.dtype, device=t.device)
         return t
-    return {k: grow(v) for k, v in kwargs.items()} if kwargs else tuple(grow(a) for a in args)
+    return {k: other(v) for k, v in kwargs.items()} if kwargs else tuple(other(a) for a in args)

@@ -5,8 +5,8 @@ Imported only when an ONNX function is used, so ``import se_surgery`` needs torc
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +16,6 @@ import onnx_ir.passes.common
 from .errors import OnnxError
 from .files import atomic_write
 
-METADATA_KEY = "se_surgery.equalizers"
 _AFFINE = {"Sub", "Add", "Mul", "Div"}
 
 
@@ -74,13 +73,14 @@ def _affine_after(resize: ir.Node, node: ir.Node) -> tuple[list[ir.Node], np.nda
     return (chain, a, b) if chain else None
 
 
-def _per_channel(x: np.ndarray, channels: int) -> np.ndarray | None:
-    """A scalar or a (C,1,1)/(1,C,1,1) constant as a length-C vector (None if it broadcasts otherwise)."""
+def _per_channel(x: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """A scalar, or a constant shaped (C, 1, ...) / (1, C, 1, ...) against a rank-``rank`` tensor, as a length-C
+    vector (None if it broadcasts otherwise)."""
     if x.size == 1:
         return np.full(channels, float(x.reshape(())))
-    squeezed = x.reshape(-1)
-    if squeezed.size == channels and x.ndim >= 3 and x.shape[-1] == x.shape[-2] == 1:
-        return squeezed
+    want = (channels,) + (1,) * (rank - 2)
+    if x.ndim >= len(want) and x.shape[x.ndim - len(want):] == want and all(d == 1 for d in x.shape[:-len(want)]):
+        return x.reshape(-1)
     return None
 
 
@@ -122,10 +122,19 @@ def _padded(conv: ir.Node) -> bool:
     return pads is not None and any(p != 0 for p in pads.value)
 
 
+def _constant(array: np.ndarray, name: str, dtype: ir.DataType) -> ir.Value:
+    """An initializer value of ``dtype`` (the graph's: a float16 graph keeps float16 constants)."""
+    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                    const_value=ir.tensor(np.asarray(array).astype(dtype.numpy()), name=name))
+
+
+def _dtype(value: ir.Value) -> ir.DataType:
+    return value.dtype if value.dtype is not None else ir.DataType.FLOAT
+
+
 def _set_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
     """Give ``node`` a new constant input (a fresh initializer, so a weight shared with other nodes is kept)."""
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(array.astype(np.float32), name=name))
+    value = _constant(array, name, _dtype(node.inputs[1]))
     graph.register_initializer(value)
     if index < len(node.inputs):
         node.replace_input_with(index, value)
@@ -150,16 +159,16 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
     """
     shared = bool(set(resize.outputs[0].uses()) - set(branch))
     channels = len(shift)
-    shape = (1, channels, 1, 1) if channels > 1 else ()
     value = resize.outputs[0] if shared else resize.inputs[0]
+    rank = len(value.shape) if value.shape is not None else 4
+    shape = (1, channels) + (1,) * (rank - 2) if channels > 1 else ()
     added = []
     for op, array, tag in (("Mul", scale, "scale"), ("Add", shift, "shift")):
         if array is None:
             continue
-        constant = np.asarray(array if channels > 1 else array[:1].reshape(()), dtype=np.float32).reshape(shape)
+        constant = np.asarray(array if channels > 1 else array[:1].reshape(())).reshape(shape)
         name = _unique(graph, f"{resize.name}_se_{tag}")
-        init = ir.Value(name=name, shape=ir.Shape(constant.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                        const_value=ir.tensor(constant, name=name))
+        init = _constant(constant, name, _dtype(value))
         graph.register_initializer(init)
         node = ir.Node("", op, [value, init], name=f"{name}_{op.lower()}")
         node.outputs[0].name = f"{name}_out"
@@ -180,7 +189,8 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
               site: str) -> Fold | None:
     out = chain[-1].outputs[0]
     channels = _channels(resize.outputs[0]) or max(a.size, b.size)
-    scale, shift = _per_channel(a, channels), _per_channel(b, channels)
+    rank = len(resize.outputs[0].shape) if resize.outputs[0].shape is not None else 4
+    scale, shift = _per_channel(a, channels, rank), _per_channel(b, channels, rank)
     if scale is None or shift is None or np.any(scale == 0):
         return None
     mode = resize.attributes.get("mode")
@@ -217,27 +227,72 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
     return Fold(resize.name, site, f"scale into Conv {conv.name}; shift {where} (Conv is zero-padded)", left)
 
 
-def fold_graph(model: ir.Model) -> list[Fold]:
-    """Fold every equalizer of an in-memory onnx-ir model (no check; see fold_onnx)."""
+def fold_graph(model: ir.Model, sites: list | None = None) -> list[Fold]:
+    """Fold every equalizer of an in-memory onnx-ir model (no check; see fold_onnx). ``sites``: the PyTorch sites
+    of the exported model, to name each fold (matched by module path and source line, as the exporter records)."""
     graph = model.graph
-    sites = json.loads(model.metadata_props.get(METADATA_KEY, "{}"))  # constant name -> site, from export_onnx
     folds = []
     starts = [(n, use.node) for n in graph if n.op_type == "Resize" for use in n.outputs[0].uses()]
+    labels = _labels([n for n in graph if n.op_type == "Resize"], sites)
+    known = {site.name for site in sites or []}
     for resize, first in starts:
         match = _affine_after(resize, first)
         if match is None:
             continue
         chain, a, b = match
-        names = {v.name for node in chain for v in node.inputs}
-        site = next((sites[n] for n in names if n in sites), "")
-        if not site and not _reaches_fusion(chain[-1].outputs[0]):
+        if labels[resize] not in known and not _reaches_fusion(chain[-1].outputs[0]):
             continue  # an affine map after a resize that meets no fusion is not an equalizer
-        done = _fold_one(graph, resize, chain, a, b, site)
+        done = _fold_one(graph, resize, chain, a, b, labels[resize])
         if done is not None:
             folds.append(done)
     if folds:  # the replaced weights and the equalizers' constants are now unused: drop them from the file
         onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
     return folds
+
+
+def _origin(node: ir.Node) -> tuple[str, str]:
+    """(module path, ``/path/file.py:line``) of the PyTorch call an exported node came from (torch.onnx's
+    metadata; empty where the exporter left none)."""
+    from .site import is_caller
+
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]  # full paths, outermost first, then the op
+    path = parts[-2] if len(parts) >= 2 else ""
+    source = ""
+    for line in reversed(node.metadata_props.get("pkg.torch.onnx.stack_trace", "").splitlines()):
+        line = line.strip()
+        if line.startswith("File ") and '"' in line and "line " in line:
+            file = line.split('"')[1]
+            if is_caller(file):
+                source = f"{file}:{line.split('line ')[1].split(',')[0]}"
+                break
+    return path, source
+
+
+def _labels(resizes: list[ir.Node], sites: list | None) -> dict[ir.Node, str]:
+    """A name per Resize from the graph's structure: the PyTorch site it is (module path, source line, order among
+    that line's resizes), else where it came from, else the node's name."""
+    origins = {node: _origin(node) for node in resizes}
+    order: dict[tuple[str, str], list[ir.Node]] = {}
+    for node in resizes:
+        order.setdefault(origins[node], []).append(node)
+    labels = {}
+    for node in resizes:
+        path, source = origins[node]
+        candidates = [s for s in sites or [] if s.kind == "upsample" and s.owner == path and s.source == source]
+        same_line = order[(path, source)]
+        if len(candidates) == 1 and len(same_line) == 1:
+            labels[node] = candidates[0].name
+        elif candidates and len(same_line) == candidates[0].line_calls:
+            rank = same_line.index(node)
+            labels[node] = next((s.name for s in candidates if s.occurrence == rank), f"Resize {node.name}")
+        elif candidates:
+            labels[node] = "one of " + ", ".join(s.name for s in candidates)
+        elif source:
+            labels[node] = f"Resize {node.name} ({path or 'model'}, {os.path.basename(source)})"
+        else:
+            labels[node] = f"Resize {node.name}"
+    return labels
 
 
 def _reaches_fusion(value: ir.Value, depth: int = 6) -> bool:
@@ -248,9 +303,10 @@ def _reaches_fusion(value: ir.Value, depth: int = 6) -> bool:
         for v in frontier:
             for use in v.uses():
                 node = use.node
-                if node.op_type in ("Concat", "Add", "Sum"):
+                if node.op_type in ("Concat", "Add", "Sub", "Sum"):
                     return True
-                if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Transpose", "Identity"):
+                if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Transpose", "Identity", "Unsqueeze",
+                                    "Squeeze", "Flatten", "Cast", "Resize", "Mul", "Div", "Pad"):
                     nxt.extend(node.outputs)
         frontier = nxt
     return False
@@ -260,27 +316,61 @@ def _reaches_fusion(value: ir.Value, depth: int = 6) -> bool:
 # Files, checks
 
 
-def load(path: str | os.PathLike) -> ir.Model:
+def load(path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
+    """The model with all its weights in memory (external data resolved beside the file), and the files it was
+    read from; nothing reads those files afterwards."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise OnnxError(f"{path}: no such file.")
     try:
-        return ir.load(os.fspath(path))
-    except FileNotFoundError:
-        raise
+        model = ir.load(path)
+        files = {os.path.abspath(path)} | {os.path.abspath(v.const_value.path) for v in _constants(model)
+                                           if isinstance(v.const_value, ir.ExternalTensor)}
+        ir.external_data.load_to_model(model)
     except Exception as error:
-        raise OnnxError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error}).") from error
+        raise OnnxError(f"{path} is not a readable ONNX model with its data ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}).") from error
+    return model, sorted(files)
 
 
-def write(model: ir.Model, destination: str | os.PathLike, sources: list[str]) -> None:
-    """Save and check beside the destination, then rename: never a half-written file, never over an input."""
+def _constants(model: ir.Model):
+    yield from model.graph.initializers.values()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if isinstance(attr.value, ir.TensorProtocol):
+                yield ir.Value(const_value=attr.value)
+
+
+INLINE_LIMIT = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
+
+
+def write(model: ir.Model, destination: str | os.PathLike, inputs: list[str]) -> None:
+    """Write a self-contained model: weights inline below 2 GB, else in one ``<destination>.data`` beside it;
+    checked by ``onnx.checker``; written under temporary names and renamed, never over one of ``inputs``."""
     import onnx
 
-    def save(tmp: str) -> None:
-        ir.save(model, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
+    destination = os.path.abspath(os.fspath(destination))
+    data = destination + ".data"
+    for path in (destination, data):
+        if any(path == f or (os.path.exists(path) and os.path.samefile(path, f)) for f in inputs):
+            raise OnnxError(f"refusing to write {path}: it is one of the input's files ({', '.join(inputs)}). "
+                            f"Give another output path.")
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    folder = os.path.dirname(destination)
+    os.makedirs(folder, exist_ok=True)
+    if size < INLINE_LIMIT:
+        def save(tmp: str) -> None:
+            ir.save(model, tmp)
+            onnx.checker.check_model(tmp, full_check=True)
 
-    try:
-        atomic_write(destination, save, sources)
-    except ValueError as error:
-        raise OnnxError(str(error)) from error
+        atomic_write(destination, save)
+        return
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".se_surgery.") as tmp:
+        staged = os.path.join(tmp, os.path.basename(destination))
+        ir.save(model, staged, external_data=os.path.basename(data))
+        onnx.checker.check_model(staged, full_check=True)
+        os.replace(os.path.join(tmp, os.path.basename(data)), data)
+        os.replace(staged, destination)
 
 
 def session(model: ir.Model):
@@ -298,7 +388,7 @@ def random_feeds(model: ir.Model, sizes: tuple[int, ...], seed: int) -> list[dic
         feed = {}
         for value in model.graph.inputs:
             dims = [d if isinstance(d, int) else (1 if i == 0 else size) for i, d in enumerate(value.shape)]
-            feed[value.name] = rng.standard_normal(dims).astype(np.float32)
+            feed[value.name] = rng.standard_normal(dims).astype(_dtype(value).numpy())
         feeds.append(feed)
     return feeds
 
