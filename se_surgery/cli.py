@@ -60,8 +60,12 @@ def _spread(values) -> float:
 
 def _fold(args: argparse.Namespace) -> int:
     """Fold the scale equalizers of an ONNX file, checked by onnxruntime."""
+    import os
+
     from .onnx import fold_onnx
 
+    if not os.path.isfile(args.input):
+        raise ValueError(f"{args.input}: no such file.")
     print(fold_onnx(args.input, args.output))
     return 0
 
@@ -193,45 +197,28 @@ def _batches(args: argparse.Namespace) -> list:
     return [_as_input(args.model, x) for x in images]
 
 
-def _read_state(path: str) -> dict:
-    """A state_dict from .safetensors, or a torch.save file loaded with weights_only=True (no code is run)."""
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:
-        raise ValueError(f"--weights {path}: not a state_dict that loads with weights_only=True ({error}).") from error
-
-
 def load_weighted(args: argparse.Namespace):
-    """The model of --model with --weights loaded; an ``se-surgery equalize`` file gives the equalized model."""
-    import torch
-
+    """The model of --model with --weights loaded; a checkpoint of an equalized model gives it back equalized
+    (``se_surgery.restore``), whatever made it: ``se-surgery equalize -o``, torch.save, safetensors."""
     import se_surgery as se
+    from se_surgery.checkpoint import RECIPE_KEY, read_state_dict
 
     model = load_model(args.model).eval()
     if not args.weights:
         return model
-    state = _read_state(args.weights)
-    meta = state.get("se_surgery") if isinstance(state, dict) else None
-    if meta is None:
+    try:
+        state = read_state_dict(args.weights)
+    except se.SeSurgeryError as error:
+        raise ValueError(f"--weights {error}") from error
+    if RECIPE_KEY in state:
+        return se.restore(model, args.weights).eval()
+    try:
         model.load_state_dict(state)
-        return model
-    if meta["model"] != args.model:
-        print(f"se-surgery: note: {args.weights} was equalized from --model {meta['model']}", file=sys.stderr)
-    example = _as_input(args.model, torch.zeros(1, 3, meta["size"], meta["size"]))
-    eq = se.equalize(model, example, None, per_channel=meta["per_channel"], branches=meta["branches"],
-                     progress=False)
-    found = [e.site.name for e in se.equalizers(eq)]
-    if found != meta["sites"]:
-        raise ValueError(f"{args.weights} has equalizers at {meta['sites']}, but --model {args.model} gives sites "
-                         f"{found}: use the SPEC it was made from (--model {meta['model']}).")
-    eq.load_state_dict(state["state_dict"])
-    return eq
+    except RuntimeError as error:
+        raise ValueError(f"--weights {args.weights}: not a state_dict of --model {args.model} "
+                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})."
+                         ) from error
+    return model
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -241,7 +228,7 @@ def _export(args: argparse.Namespace) -> int:
     model = load_weighted(args)
     data = _batches(args)
     example = _one(data[0])
-    if not list(se.equalizers(model)):
+    if not se.equalizers(model):
         model = se.equalize(model, example, data, progress=not args.quiet)
     print(se.export_onnx(model, example, args.output, dynamic_spatial=not args.static))
     return 0
@@ -266,7 +253,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if not args.data:
             raise ValueError("--labels goes with --data: label maps for the images there.")
         targets = read_labels(args.labels, args.data, args.size, args.batch_size, args.max_images)
-    already = bool(list(se.equalizers(model)))
+    already = bool(se.equalizers(model))
     reports = []
     if already:
         print(se.describe(model))
@@ -300,22 +287,28 @@ def _equalize(args: argparse.Namespace) -> int:
     from .files import atomic_write
 
     model = load_weighted(args)
-    if list(se.equalizers(model)):
-        raise ValueError(f"{args.weights} is already equalized.")
+    if se.equalizers(model):
+        raise ValueError(f"--weights {args.weights} is already equalized.")
     data = _batches(args)
     eq = se.equalize(model, data[0], data, per_channel=args.per_channel, branches=args.branches,
                      preserve_function=args.preserve_function, progress=not args.quiet)
     print(se.describe(eq))
     sites = [e.site.name for e in se.equalizers(eq)]
     if not sites:
-        raise ValueError(f"{args.model}: no bilinear upsampling feeds a fusion; nothing to save.")
-    meta = {"model": args.model, "size": args.size, "per_channel": args.per_channel, "branches": args.branches,
-            "sites": sites, "version": se.__version__}
-    payload = {"state_dict": eq.state_dict(), "se_surgery": meta}
-    inputs = [args.weights] if args.weights else []
-    path = atomic_write(args.output, lambda tmp: torch.save(payload, tmp), inputs)
+        raise ValueError(f"{args.model}: no interpolating upsampling feeds a fusion; nothing to save.")
+    state = eq.state_dict()  # a plain state_dict: what rebuilding needs rides in it (se_surgery.restore)
+    if args.output.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        def save(tmp: str) -> None:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    else:
+        def save(tmp: str) -> None:
+            torch.save(state, tmp)
+    path = atomic_write(args.output, save, [args.weights] if args.weights else [])
     print(f"saved {len(sites)} calibrated equalizer(s) and the weights to {os.fspath(path)}; load it with "
-          f"--model '{args.model}' --weights {os.fspath(path)}")
+          f"--model '{args.model}' --weights {os.fspath(path)}, or in Python: "
+          f"se_surgery.restore(model, {os.fspath(path)!r})")
     return 0
 
 
@@ -347,7 +340,6 @@ def _model_options(parser: argparse.ArgumentParser, size: int = 256) -> None:
                                           "weights_only=True, never unpickling code); a file written by "
                                           "'se-surgery equalize' gives the equalized model")
     parser.add_argument("--size", type=int, default=size, help=f"image size in pixels (default {size})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _data_options(parser: argparse.ArgumentParser, synthetic: int) -> None:
@@ -386,23 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="equalize a random-weight smp UPerNet on generated data, print the "
-                                            "sites and the branch scales before/after (no downloads, ~20 s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                                   parents=[common])
+
+    demo = command("demo", "equalize a random-weight smp UPerNet on generated data, print the sites and the "
+                           "branch scales before/after (no downloads, ~20 s)")
     demo.add_argument("--size", type=int, default=128, help="image size (a multiple of 32; default 128)")
     demo.add_argument("--batches", type=int, default=4, help="calibration batches of 2 images (default 4)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 
-    fold = commands.add_parser("fold", help="fold the scale equalizers of an ONNX file (e.g. from torch.onnx.export)"
-                                            " into the convolutions around them, checked by onnxruntime")
+    fold = command("fold", "fold the scale equalizers of an ONNX file (e.g. from torch.onnx.export, external "
+                           "data beside it) into a self-contained file, checked by onnxruntime")
     fold.add_argument("input", help="the ONNX file to read (never overwritten)")
     fold.add_argument("-o", "--output", required=True, help="where to write the folded ONNX file")
     fold.set_defaults(run=_fold)
 
-    inspect = commands.add_parser(
-        "inspect", help="measure the scale (mean, std, E[x^2]) of every branch entering a fusion and the gradient "
-                        "of the fusion weights per branch, before and after equalization; optional plot")
+    inspect = command("inspect", "measure the scale (mean, std, E[x^2]) of every branch entering a fusion and the "
+                                 "gradient of the fusion weights per branch, before and after equalization")
     _model_options(inspect)
     _data_options(inspect, synthetic=8)
     inspect.add_argument("--labels", help="a folder of label maps for --data (same relative names, .png; class ids, "
@@ -412,9 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", help="write a before/after bar plot (e.g. scales.png)")
     inspect.set_defaults(run=_inspect)
 
-    equalize = commands.add_parser(
-        "equalize", help="insert scale equalizers, calibrate them on your images, and save the state_dict with the "
-                         "site metadata (reload with --model SPEC --weights FILE)")
+    equalize = command("equalize", "insert scale equalizers, calibrate them on your images and save the model's "
+                                   "state_dict (reload with --model SPEC --weights FILE or se_surgery.restore)")
     _model_options(equalize)
     _data_options(equalize, synthetic=0)
     equalize.add_argument("--per-channel", action="store_true", help="one mean/std per channel (default: one "
@@ -423,12 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="equalize only the upsampled inputs of a fusion (paper, default) or all of them")
     equalize.add_argument("--preserve-function", action="store_true", help="compensate the consumers so the "
                                                                           "model computes what it did before")
-    equalize.add_argument("-o", "--output", required=True, help="the file to write (torch.save; never over "
-                                                                "--weights)")
+    equalize.add_argument("-o", "--output", required=True, help="the state_dict to write: .safetensors, else "
+                                                                "torch.save (never over --weights)")
     equalize.set_defaults(run=_equalize)
 
-    export = commands.add_parser("export", help="equalize a model, then export it to ONNX with the equalizers "
-                                                "folded (dynamic batch/height/width), checked by onnxruntime")
+    export = command("export", "equalize a model, then export it to ONNX with the equalizers folded (dynamic "
+                               "batch/height/width), checked by onnxruntime")
     _model_options(export, size=512)
     _data_options(export, synthetic=8)
     export.add_argument("--static", action="store_true", help="fixed height/width (models whose export bakes "
@@ -438,13 +436,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _writable(path: str) -> None:
+    """Refuse an output path that cannot be written before any work starts, naming the path as given."""
+    import os
+
+    if os.path.isdir(path):
+        raise ValueError(f"-o {path}: is a folder; give a file name.")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {path}: cannot write there ({folder} is not a writable folder).")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 the work failed (bad model or data), 2 bad command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if getattr(args, "synthetic", 1) < 1 and not args.data:
         parser.error(f"{args.command} needs --data DIR (a folder of images), or --synthetic N to try it.")
     try:
+        if getattr(args, "output", None):
+            _writable(args.output)
         return args.run(args)
     except Exception as error:
         if args.debug:

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+import se_surgery as se
 from se_surgery.cli import load_model, main
 
 
@@ -61,14 +62,23 @@ def test_inspect_equalize_reload_and_export(tmp_path, capsys):
     assert (tmp_path / "scales.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(["equalize", *common, "-o", str(tmp_path / "eq.pt")]) == 0
-    saved = torch.load(tmp_path / "eq.pt", weights_only=True)
-    assert saved["se_surgery"]["sites"] == [f"decoder.psp.blocks.{i}.call0_resize0" for i in range(4)]
+    saved = torch.load(tmp_path / "eq.pt", weights_only=True)  # a plain state_dict, as Python code saves one
+    assert sorted(k for k in saved if k.endswith(".std")) == [
+        f"scale_equalizers.decoder_psp_blocks_{i}_call0_resize0.std" for i in range(4)]
+    assert "restore" in capsys.readouterr().out
+    # ...that the library restores, and the CLI reads what Python saved.
+    restored = se.restore(load_model(model), tmp_path / "eq.pt")
+    assert [e.name for e in se.equalizers(restored)] == [f"decoder.psp.blocks.{i}.call0_resize0" for i in range(4)]
+    from safetensors.torch import save_file
+
+    save_file(restored.state_dict(), str(tmp_path / "eq.safetensors"))
+    assert main(["inspect", *common, "--weights", str(tmp_path / "eq.safetensors")]) == 0
     capsys.readouterr()
     # Reloaded: the equalized model as saved (its statistics, not recalibrated), then exported from the file.
     assert main(["inspect", *common, "--weights", str(tmp_path / "eq.pt"), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "## equalized, as loaded" in out and "| decoder.psp.call0_fusion0 |" in out
-    std = saved["state_dict"]["scale_equalizers.decoder_psp_blocks_1_call0_resize0.std"].item()
+    std = saved["scale_equalizers.decoder_psp_blocks_1_call0_resize0.std"].item()
     assert f"{std:.4g}" in out
     assert main(["export", "--model", model, "--weights", str(tmp_path / "eq.pt"), "--size", "64", "--static",
                  "--quiet", "-o", str(tmp_path / "m.onnx")]) == 0
@@ -121,3 +131,28 @@ def test_inspect_with_label_maps(tmp_path, capsys):
     Image.fromarray(torch.full((107, 95), 255, dtype=torch.uint8).numpy(), mode="L").save(labels / "1.png")
     assert main(args) == 0
     assert "cross-entropy vs the given targets" in capsys.readouterr().out
+
+
+def test_the_command_line_as_a_newcomer_meets_it(tmp_path):
+    run = [sys.executable, "-m", "se_surgery.cli"]
+    bare = subprocess.run(run, capture_output=True, text=True)
+    assert bare.returncode == 0 and "usage: se-surgery" in bare.stdout and "fold" in bare.stdout
+    for name in ("demo", "fold", "inspect", "equalize", "export"):
+        text = subprocess.run([*run, name, "--help"], capture_output=True, text=True).stdout
+        description = text.split("\n\n")[1]  # the paragraph after the usage lines
+        assert description[0].isupper() and description.rstrip().endswith("."), (name, description)
+    # --debug and --quiet after the command; an unwritable output folder is refused first, by the name given.
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    result = subprocess.run([*run, "export", "--model", "smp:FPN?encoder_name=resnet18", "--quiet", "--debug",
+                             "-o", "notes.txt/m.onnx"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1 and "-o notes.txt/m.onnx: cannot write there" in result.stderr
+    assert "Traceback" in result.stderr  # --debug after the command works
+    weights = tmp_path / "other.pt"
+    torch.save(torch.nn.Conv2d(1, 1, 1).state_dict(), weights)
+    result = subprocess.run([*run, "inspect", "--model", "smp:FPN?encoder_name=resnet18", "--weights", str(weights),
+                             "--synthetic", "2", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 1 and f"--weights {weights}: not a state_dict of --model smp:FPN" in result.stderr
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    result = subprocess.run([*run, "fold", str(weights), "-o", str(folder)], capture_output=True, text=True)
+    assert result.returncode == 1 and f"-o {folder}: is a folder" in result.stderr

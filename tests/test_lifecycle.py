@@ -158,3 +158,76 @@ def test_zoo_builders_are_all_restorable():
         fresh = BUILDERS[name]()
         se.restore(fresh, state)
         assert [e.name for e in se.equalizers(fresh)] == [e.name for e in se.equalizers(eq)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX files as the exporters write them
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_cli_folds_a_file_torch_onnx_export_wrote_with_external_data(tmp_path):
+    eq = _equalized("smp_DeepLabV3").eval()  # equalizers exported as ops, the way another tool's file would be
+    x = torch.randn(1, 3, 128, 128)
+    auto = torch.export.Dim.AUTO
+    torch.onnx.export(eq, (x,), str(tmp_path / "plain.onnx"), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: auto, 2: auto, 3: auto},))
+    assert (tmp_path / "plain.onnx.data").exists()  # as the exporter writes it
+    inputs = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cli = [sys.executable, "-m", "se_surgery.cli"]
+    done = subprocess.run(cli + ["fold", "plain.onnx", "-o", "sub/folded.onnx"], cwd=tmp_path, capture_output=True,
+                          text=True)  # a fresh process, a relative path into a new subfolder
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 equalizer(s) folded" in done.stdout and "model.call0_resize0" not in done.stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == inputs  # inputs untouched
+    # Self-contained: moved alone into another folder, loaded from another working directory, after the
+    # exporter's data file is overwritten by another checkpoint, it still computes what the equalized model does.
+    moved = tmp_path / "elsewhere" / "deploy.onnx"
+    moved.parent.mkdir()
+    (tmp_path / "sub" / "folded.onnx").rename(moved)
+    assert not list((tmp_path / "sub").iterdir())
+    (tmp_path / "plain.onnx.data").write_bytes(b"\0" * len(inputs["plain.onnx.data"]))
+    with torch.no_grad():
+        expected = eq(x).numpy()
+    got = _ort(moved, x)
+    assert abs(got - expected).max() <= 1e-4 * abs(expected).max()
+    # Output paths that are the input's files are refused, and nothing is changed.
+    for bad in ("plain.onnx", "plain.onnx.data", str(tmp_path / "plain.onnx.data")):
+        done = subprocess.run(cli + ["fold", "plain.onnx", "-o", bad], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 1 and "one of the input's files" in done.stderr, done.stderr[-500:]
+    assert (tmp_path / "plain.onnx").read_bytes() == inputs["plain.onnx"]
+
+
+def test_fold_a_torchscript_export_and_a_float16_graph(tmp_path):
+    import onnx
+    from test_deploy import _Elsewhere
+
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(_Elsewhere().eval(), (x,), str(tmp_path / "ts.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    report = se.fold_onnx(tmp_path / "ts.onnx", tmp_path / "ts_folded.onnx", check_sizes=(32, 48))
+    assert len(report.folds) == 2 and report.max_abs_error <= 1e-5
+    torch.onnx.export(_Elsewhere().eval().half(), (x.half(),), str(tmp_path / "half.onnx"), dynamo=True,
+                      verbose=False)
+    report = se.fold_onnx(tmp_path / "half.onnx", tmp_path / "half_folded.onnx", tolerance=2e-3)
+    assert len(report.folds) == 2
+    kinds = {i.data_type for i in onnx.load(str(tmp_path / "half_folded.onnx")).graph.initializer
+             if i.name.endswith(("se_weight", "se_bias", "se_scale", "se_shift"))}
+    assert kinds == {onnx.TensorProto.FLOAT16}  # the constants se_surgery wrote keep the graph's dtype
+
+
+def test_export_from_a_batch_of_one_stays_dynamic(tmp_path):
+    name = "hf_segformer"  # its reshapes specialise the batch when exported on a batch of one
+    eq = _equalized(name).eval()
+    report = se.export_onnx(eq, {"pixel_values": torch.randn(1, 3, 128, 128)}, tmp_path / "seg.onnx")
+    assert [s[0] for s in report.checked_shapes] == [1, 3] and not report.notes
+    assert isinstance(report.inputs["pixel_values"][0], str)
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        expected = eq(pixel_values=x).logits.numpy()
+    assert abs(_ort(report.path, x) - expected).max() <= 1e-3 * abs(expected).max()
