@@ -15,7 +15,7 @@ from .calibrate import InputFn, run_levels
 from .capture import ExampleInputs, capture, default_example, split_inputs
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
-from .find import find_sites
+from .find import explain, find_sites
 from .fold import absorb_input_affine, shift_absorbable
 from .modes import eval_mode
 from .runtime import attach, equalizers, registry
@@ -67,10 +67,11 @@ def equalize(
     args, kwargs = split_inputs(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     with bypassed(target):
-        sites = find_sites(capture(target, example_inputs), branches=branches)
+        program = capture(target, example_inputs)
+    sites = find_sites(program, branches=branches)
     if not sites:
-        warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__}; "
-                      f"the model is returned unchanged.", stacklevel=2)
+        warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
+                      f"({explain(program)}); the model is returned unchanged.", stacklevel=2)
         return target
     added = attach(target, sites, per_channel=per_channel)
     if not added:

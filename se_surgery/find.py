@@ -359,3 +359,33 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
         levels[node] = 1 + max((levels[o] for o in upstream), default=-1)
         sites.append(Site(level=levels[node], upstream=frozenset(names[o] for o in upstream), **info))
     return sites
+
+
+_NEAREST = {aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
+            aten.upsample_nearest1d.default, aten.upsample_nearest2d.default, aten.upsample_nearest3d.default,
+            aten._upsample_nearest_exact1d.vec, aten._upsample_nearest_exact2d.vec, aten._upsample_nearest_exact3d.vec}
+_TRANSPOSED = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+
+
+def explain(program: torch.export.ExportedProgram) -> str:
+    """Why a program has no site: the resizes it makes, counted by the reason each is not one."""
+    graph = flat_graph(program)
+    live = _data_dependent(graph, set(program.graph_signature.user_inputs))
+    reasons: dict[str, int] = defaultdict(int)
+    for node in graph.nodes:
+        if node.op != "call_function" or node not in live:
+            continue
+        if node.target in RESIZE_OPS:
+            src, out = _shape(node.args[0]), _shape(node)
+            if len(out) < 3 or torch.Size(out[2:]).numel() <= torch.Size(src[2:]).numel():
+                reasons[f"{RESIZE_OPS[node.target]} resize(s) to the same or a smaller size (not upsampling)"] += 1
+            else:
+                reasons[f"{RESIZE_OPS[node.target]} upsampling(s) that reach no fusion through linear ops "
+                        f"(only the output, or a normalization/activation first)"] += 1
+        elif node.target in _NEAREST:
+            reasons["nearest upsampling(s) (keep the variance)"] += 1
+        elif node.target in _TRANSPOSED:
+            reasons["transposed conv(s) (learned, not a resize)"] += 1
+    if not reasons:
+        return "it makes no resize"
+    return "it makes " + ", ".join(f"{n} {why}" for why, n in reasons.items())

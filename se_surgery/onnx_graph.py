@@ -95,7 +95,8 @@ def _conv_consumer(value: ir.Value) -> tuple[ir.Node, int] | None:
     """The Conv that receives ``value`` directly or through a channel Concat, and the channel offset there."""
     node, fed, offset = _only_consumer(value), value, 0
     if node is not None and node.op_type == "Concat":
-        if node.attributes["axis"].value not in (1, -3):
+        rank = len(value.shape) if value.shape is not None else 4
+        if node.attributes["axis"].value not in (1, 1 - rank):
             return None
         for other in node.inputs:
             if other is value:
@@ -157,7 +158,7 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
     """Insert ``x * scale + shift`` where it is cheapest and exact: on the Resize's input (linear resizing commutes
     with affine maps), or, when the Resize also feeds other branches, after it on this branch (``branch``: its uses).
     """
-    shared = bool(set(resize.outputs[0].uses()) - set(branch))
+    shared = resize.op_type != "Resize" or bool(set(resize.outputs[0].uses()) - set(branch))
     channels = len(shift)
     value = resize.outputs[0] if shared else resize.inputs[0]
     rank = len(value.shape) if value.shape is not None else 4
@@ -179,7 +180,8 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
         graph.insert_after(resize, added)
         for use in branch:
             use.node.replace_input_with(use.idx, value)
-        return len(added), "after Resize (shared with another branch)"
+        return len(added), ("after Resize (shared with another branch)" if resize.op_type == "Resize" else
+                            f"after {resize.op_type} (the exporter decomposed the resize)")
     graph.insert_before(resize, added)
     resize.replace_input_with(0, value)
     return len(added), "before Resize"
@@ -194,9 +196,10 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
     if scale is None or shift is None or np.any(scale == 0):
         return None
     mode = resize.attributes.get("mode")
-    commutes = (mode.value if mode is not None else "nearest") in ("linear", "nearest", "cubic") and \
-        (resize.attributes.get("coordinate_transformation_mode") is None or
-         resize.attributes["coordinate_transformation_mode"].value != "tf_crop_and_resize")
+    commutes = resize.op_type == "Resize" and (mode.value if mode is not None else "nearest") in (
+        "linear", "nearest", "cubic") and (resize.attributes.get("coordinate_transformation_mode") is None or
+                                           resize.attributes["coordinate_transformation_mode"].value
+                                           != "tf_crop_and_resize")
     target = _conv_consumer(out)
     if target is None and not commutes:
         return None
@@ -235,6 +238,16 @@ def fold_graph(model: ir.Model, sites: list | None = None) -> list[Fold]:
     starts = [(n, use.node) for n in graph if n.op_type == "Resize" for use in n.outputs[0].uses()]
     labels = _labels([n for n in graph if n.op_type == "Resize"], sites)
     known = {site.name for site in sites or []}
+    # An exporter may decompose a resize (1-D linear becomes gathers and arithmetic): the equalizer's own ops,
+    # recorded in the module scope of ``scale_equalizers.<site>``, show where it starts.
+    scoped = {site.module_name: site.name for site in sites or []}
+    for node in graph:
+        name = scoped.get(_origin(node)[0].removeprefix("scale_equalizers."))
+        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if name and producer is not None and _origin(producer)[0] != _origin(node)[0] and \
+                producer.op_type != "Resize":
+            starts.append((producer, node))
+            labels[producer] = name
     for resize, first in starts:
         match = _affine_after(resize, first)
         if match is None:

@@ -107,13 +107,18 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     (PAN's pyramid); a trained network has real statistics, which the warm-up stands in for.
     """
     torch.manual_seed(seed)
-    model = BUILDERS[name]()
+    return warm_up(BUILDERS[name](), lambda m, x: call(m, name, x), (4, 3, SIZE, SIZE))
+
+
+def warm_up(model: torch.nn.Module, run, shape) -> torch.nn.Module:
+    """BatchNorm statistics of two random batches of ``shape`` (``run(model, x)`` calls the model); eval mode."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.momentum = None  # cumulative average over the warm-up
+    model.train()
     with torch.no_grad():
         for _ in range(2):
-            call(model, name, torch.randn(4, 3, SIZE, SIZE))
+            run(model, torch.randn(*shape))
     for bn in norms:
         bn.momentum = 0.1
     return model.eval()
