@@ -128,14 +128,15 @@ def _owner(node: Node) -> tuple[str, str, int]:
 
 
 def _source(node: Node) -> str:
-    """``/path/file.py:line`` of the innermost user frame of the call (torch's wrappers skipped)."""
+    """``/path/file.py:line`` of the call in the innermost ``forward`` (torch's wrappers skipped; a helper method's
+    calls count as the line in ``forward`` that calls it: torch.export may record ``forward`` frames only)."""
     trace = (node.meta.get("stack_trace") or "").splitlines()
     for line in reversed([t.strip() for t in trace if t.strip().startswith("File ")]):
         try:  # 'File "/x/y.py", line 12, in forward'
             path, lineno = line.split('"')[1], int(line.split("line ")[1].split(",")[0])
         except (IndexError, ValueError):
             continue
-        if is_caller(path):
+        if line.endswith(" in forward") and is_caller(path):
             return f"{path}:{lineno}"
     return ""
 

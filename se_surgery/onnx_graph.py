@@ -274,7 +274,7 @@ def _origin(node: ir.Node) -> tuple[str, str]:
     source = ""
     for line in reversed(node.metadata_props.get("pkg.torch.onnx.stack_trace", "").splitlines()):
         line = line.strip()
-        if line.startswith("File ") and '"' in line and "line " in line:
+        if line.startswith("File ") and '"' in line and line.endswith(" in forward"):
             file = line.split('"')[1]
             if is_caller(file):
                 source = f"{file}:{line.split('line ')[1].split(',')[0]}"

@@ -49,17 +49,20 @@ _FUSION_FUNCS = _LIST_FUSIONS | {torch.add, torch.sub, torch.subtract, torch.Ten
 
 @torch._dynamo.assume_constant_result
 def call_source() -> str:
-    """``/path/file.py:line`` of the code that called the torch function being handled.
+    """``/path/file.py:line`` in the innermost ``forward`` on the way to the torch function being handled (a helper
+    such as ``self.decode(x)`` counts as its ``forward``'s line, as torch.export's stack traces record it).
 
     Eagerly, from the Python frames; while torch.compile traces, from the frames it is tracing (a constant of the
     traced code). torch's own wrappers and se_surgery are skipped, as in the graph pass's stack traces. Code
     without a source file gives ``""``: its sites are told apart by their order alone (``equalize`` warns)."""
     frames = TracingContext.extract_stack()
     if len(frames):
-        found = next(((f.filename, f.lineno) for f in reversed(frames) if is_caller(f.filename)), ("<>", 0))
+        found = next(((f.filename, f.lineno) for f in reversed(frames) if f.name == "forward" and
+                      is_caller(f.filename)), ("<>", 0))
     else:
         frame = sys._getframe(1)
-        while frame is not None and not is_caller(frame.f_code.co_filename):
+        while frame is not None and not (frame.f_code.co_name == "forward" and
+                                         is_caller(frame.f_code.co_filename)):
             frame = frame.f_back
         found = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<>", 0)
     # Code without a file (python -c, exec) has no stack trace in the graph either: one bucket, "".
