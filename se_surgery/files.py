@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .errors import UsageError
+
 
 def atomic_write(destination: str | os.PathLike, save: Callable[[str], None],
                  inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -15,7 +17,7 @@ def atomic_write(destination: str | os.PathLike, save: Callable[[str], None],
     destination = Path(destination)
     for source in inputs:
         if destination.exists() and os.path.samefile(destination, source):
-            raise ValueError(f"refusing to overwrite the input {source}: give another output path.")
+            raise UsageError(f"refusing to overwrite the input {source}: give another output path.")
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(suffix=destination.suffix, prefix=f".{destination.name}.", dir=destination.parent)
     os.close(handle)

@@ -53,7 +53,9 @@ _LINEAR = _PARAMETRIZED | set(RESIZE_OPS) | {
     aten.squeeze.default, aten.squeeze.dims, aten.expand.default, aten.expand_as.default, aten.slice.Tensor,
     aten.select.int, aten.dropout.default, aten.feature_dropout.default, aten.dropout_.default,
     aten.feature_dropout_.default, aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default,
-    aten.pad.default, aten.constant_pad_nd.default, aten.avg_pool1d.default, aten.avg_pool2d.default,
+    aten.pad.default, aten.constant_pad_nd.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
+    aten.replication_pad3d.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default, aten.avg_pool1d.default, aten.avg_pool2d.default,
     aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
     aten.adaptive_avg_pool3d.default, aten.neg.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
     aten.div.Scalar, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.upsample_nearest1d.vec,
@@ -226,7 +228,9 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
             (user,) = node.users
         if user.op != "call_function":
             return None
-        if user.target in _CHANNEL_KEEPING:
+        if user.target in _CHANNEL_KEEPING or (user.target == aten.pad.default and len(user.args) > 2 and
+                                               user.args[2] in ("replicate", "reflect")):
+            # (edge padding copies pixels: it commutes with a per-channel affine map, unlike zero padding)
             node = user
             path.append(str(user.target).split(".")[1])
             continue

@@ -8,7 +8,7 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, fields
 from itertools import repeat
 from pathlib import Path
@@ -20,7 +20,7 @@ from torch import nn
 
 from .calibrate import RunningMoments, _device, model_calls
 from .capture import ExampleInputs
-from .errors import CalibrationError
+from .errors import CalibrationError, UsageError
 from .files import atomic_write
 from .runtime import equalizers, registry
 
@@ -188,20 +188,30 @@ def _logits(output: Any) -> torch.Tensor:
         return output["out"] if "out" in output else next(v for v in output.values() if isinstance(v, torch.Tensor))
     if isinstance(output, (tuple, list)):
         return next(v for v in output if isinstance(v, torch.Tensor))
-    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+    raise UsageError(f"scale_report cannot find the logits in a model output of type {type(output).__name__}: "
+                     f"return a tensor, a dict with 'out', or an object with .logits.")
 
 
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
-                 progress: bool = True) -> ScaleReport:
-    """Measure every branch of every fusion that takes a bilinearly upsampled input, on ``data``.
+                 progress: bool = True, input_fn: Callable[[Any], Any] | None = None) -> ScaleReport:
+    """Measure every branch of every fusion that takes an upsampled input, on ``data``.
 
     Works on an original model (the problem) and on an equalized one (the fix); the model itself is not changed.
-    Per branch: mean, std and second moment as it enters the fusion, and the RMS gradient of the consumer conv's
-    weight slice for that branch, of the cross-entropy of the main logits against ``targets`` (label maps, one per
-    batch, 255 = ignore) or, without targets, against the model's own argmax. Runs in eval mode (BatchNorm
-    running statistics, no dropout), so the numbers are deterministic. ``data`` yields batches in the form of
-    ``example_inputs``.
+    Runs on a deep copy in eval mode (BatchNorm running statistics, no dropout), so the numbers are deterministic.
+
+    Args:
+        model: any model ``equalize`` accepts, equalized or not.
+        example_inputs: as for :func:`se_surgery.equalize`.
+        data: batches, by the rule of :func:`se_surgery.calibrate`.
+        targets: label maps, one per batch (255 = ignore); without them, the model's own argmax.
+        max_batches: measure on at most this many batches.
+        progress: show a tqdm progress bar.
+        input_fn: turns one batch into the model's inputs where the rule does not fit.
+
+    Returns:
+        A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
+        gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
     from .equalize import equalize
 
@@ -234,7 +244,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     device, seen = _device(probe), 0
     labels = iter(targets) if targets is not None else repeat(None)
     for _index, args, kwargs in model_calls(probe, data, max_batches=max_batches, progress=progress,
-                                            desc="measuring scales"):
+                                            desc="measuring scales", input_fn=input_fn):
         with torch.set_grad_enabled(bool(weights)):
             logits = _logits(probe(*args, **kwargs))
             if weights:

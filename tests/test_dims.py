@@ -163,3 +163,18 @@ def test_no_site_warning_says_which_resizes_it_saw():
     with pytest.warns(UserWarning, match=r"2 nearest upsampling\(s\) \(keep the variance\), 1 transposed conv\(s\) "
                                          r"\(learned, not a resize\)"):
         se.equalize(Plain(), (torch.randn(1, 3, 16, 16),), progress=False)
+
+
+def test_conv3d_weight_slices_in_the_scale_report_and_per_channel_statistics():
+    model = _build("basicunet3d")
+    data = _data((2, 1, 32, 32, 32), n=2)
+    report = se.scale_report(model, (data[0],), data, progress=False)
+    upsampled = [r for r in report.rows if r.factor]
+    assert len(upsampled) == 4 and all(r.grad_rms and r.grad_rms > 0 for r in upsampled)  # Conv3d slices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(model, (data[0],), data, per_channel=True, progress=False)
+    for e in se.equalizers(eq):
+        assert e.mean.shape == (e.site.shape[1],)
+    with torch.no_grad():
+        torch.testing.assert_close(se.fold(eq)(data[0]), eq(data[0]), rtol=1e-5, atol=1e-5)

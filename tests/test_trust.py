@@ -386,3 +386,20 @@ def test_equalizers_is_a_list_and_the_model_holds_one_declared_state_object():
     with torch.no_grad():
         x = torch.randn(1, 3, 128, 128)
         torch.testing.assert_close(call(folded, "smp_DeepLabV3Plus", x), call(eq, "smp_DeepLabV3Plus", x))
+
+
+def test_a_call_that_does_not_look_like_the_site_raises():
+    class Switch(nn.Module):
+        mode = "bilinear"
+
+        def forward(self, fine, coarse):
+            return fine + F.interpolate(coarse, scale_factor=2, mode=self.mode)
+
+    fine, coarse = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)
+    eq = se.equalize(Switch(), (fine, coarse), [(fine, coarse)], progress=False)
+    eq.mode = "bicubic"  # the same line now makes another kind of call
+    with torch.no_grad(), pytest.raises(se.SiteMismatchError, match=r"expected a bilinear resize.*met a bicubic"):
+        eq(fine, coarse)
+    eq.mode = "bilinear"
+    with torch.no_grad(), pytest.raises(se.SiteMismatchError, match=r"with 2 channels, met .* with 3 channels"):
+        eq(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 4, 4))
