@@ -57,16 +57,19 @@ def call_source() -> str:
     without a source file gives ``""``: its sites are told apart by their order alone (``equalize`` warns)."""
     frames = TracingContext.extract_stack()
     if len(frames):
-        found = next(((f.filename, f.lineno) for f in reversed(frames) if f.name == "forward" and
-                      is_caller(f.filename)), ("<>", 0))
+        found = next(((f.filename, f.lineno) for f in reversed(frames) if _forward(f.name, f.filename)), ("<>", 0))
     else:
         frame = sys._getframe(1)
-        while frame is not None and not (frame.f_code.co_name == "forward" and
-                                         is_caller(frame.f_code.co_filename)):
+        while frame is not None and not _forward(frame.f_code.co_name, frame.f_code.co_filename):
             frame = frame.f_back
         found = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<>", 0)
     # Code without a file (python -c, exec) has no stack trace in the graph either: one bucket, "".
     return "" if found[0].startswith("<") else f"{found[0]}:{found[1]}"
+
+
+def _forward(name: str, filename: str) -> bool:
+    """A user's ``forward`` frame, or the rest of one that torch.compile resumes after a graph break."""
+    return (name == "forward" or name.startswith("torch_dynamo_resume_in_forward")) and is_caller(filename)
 
 
 @dataclass
