@@ -173,13 +173,14 @@ def _fusion_kind(node: Node, live: set[Node]) -> str | None:
     return FUSION_OPS[node.target] if len(tensors) >= 2 else None
 
 
-def _descendants(node: Node) -> set[Node]:
-    seen, todo = {node}, [node]
+def _closure(node: Node, step) -> set[Node]:
+    """Every node reached from ``node`` by repeating ``step`` (``lambda n: n.users`` or ``n.all_input_nodes``)."""
+    seen, todo = set(), [node]
     while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
+        for other in step(todo.pop()):
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
     return seen
 
 
@@ -188,7 +189,7 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
 
     An addition or concatenation whose other inputs all derive from ``start`` too (a residual ``h + f(h)``) is not
     a fusion of two levels: the branch passes through it."""
-    derived = _descendants(start)
+    derived = _closure(start, lambda n: n.users) | {start}
     found, seen, todo = [], set(), [start]
     while todo:
         node = todo.pop()
@@ -266,16 +267,6 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
             return Consumer(params[weight.name], params.get(bias.name) if bias is not None else None, bn,
                             (offset, offset + channels), padded, " -> ".join(path))
         return None
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled") -> list[Site]:
@@ -359,7 +350,7 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
     names = {node: Site(level=0, **info).name for node, info in found}
     sites, levels = [], {}
     for node, info in found:
-        before = _ancestors(node)
+        before = _closure(node, lambda n: n.all_input_nodes)
         upstream = [other for other, _ in found if other in before and other is not node]
         levels[node] = 1 + max((levels[o] for o in upstream), default=-1)
         sites.append(Site(level=levels[node], upstream=frozenset(names[o] for o in upstream), **info))
