@@ -69,7 +69,13 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Any]:
             if not isinstance(state, Mapping):
                 raise UsageError(f"{path}: holds a {type(state).__name__}, not a state_dict.")
     if isinstance(state.get("state_dict"), Mapping):  # {"state_dict": ..., ...}, e.g. se-surgery equalize -o
-        state = dict(state["state_dict"])
+        meta, state = state.get("se_surgery"), dict(state["state_dict"])
+        if isinstance(meta, Mapping) and RECIPE_KEY not in state:  # written by se-surgery 0.1: no recipe inside
+            hf = str(meta["model"]).startswith("hf:")
+            state[RECIPE_KEY] = encode({
+                "version": 1, "input_kind": "kwargs" if hf else "args", "input_names": ["pixel_values"] if hf else [],
+                "shapes": [[1, 3, meta["size"], meta["size"]]], "dtypes": ["float32"],
+                "per_channel": meta["per_channel"], "branches": meta["branches"], "sites": list(meta["sites"])})
     return state
 
 

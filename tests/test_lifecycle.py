@@ -84,6 +84,18 @@ def test_restore_an_smp_save_pretrained_folder(tmp_path):
         assert torch.equal(out, call(eq, name, x))
 
 
+def test_restore_a_file_from_se_surgery_0_1(tmp_path):
+    eq = _equalized("smp_PSPNet").eval()
+    state = {k: v for k, v in eq.state_dict().items() if not k.endswith("_extra_state")}
+    meta = {"model": "smp:PSPNet?encoder_name=resnet18&classes=5", "size": 128, "per_channel": False,
+            "branches": "upsampled", "sites": [e.name for e in se.equalizers(eq)], "version": "0.1.0"}
+    torch.save({"state_dict": state, "se_surgery": meta}, tmp_path / "old.pt")
+    restored = se.restore(build("smp_PSPNet", seed=3), tmp_path / "old.pt").eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(restored(x), eq(x))
+
+
 def test_restore_errors_name_the_checkpoint(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(build("smp_FPN").state_dict(), plain)
