@@ -135,12 +135,8 @@ def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None
 
 
 def _outputs(model: nn.Module, args, kwargs, bypass: bool = False) -> list[torch.Tensor]:
-    with eval_mode(model), torch.no_grad():
-        if bypass:
-            with bypassed(model):
-                out = model(*args, **kwargs)
-        else:
-            out = model(*args, **kwargs)
+    with eval_mode(model), torch.no_grad(), bypassed(model) if bypass else contextlib.nullcontext():
+        out = model(*args, **kwargs)
     return [t.detach().clone() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 

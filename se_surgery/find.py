@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .site import Consumer, Site, is_caller
+from .site import Consumer, Site, forward_source
 
 aten = torch.ops.aten
 
@@ -130,17 +130,7 @@ def _owner(node: Node) -> tuple[str, str, int]:
 
 
 def _source(node: Node) -> str:
-    """``/path/file.py:line`` of the call in the innermost ``forward`` (torch's wrappers skipped; a helper method's
-    calls count as the line in ``forward`` that calls it: torch.export may record ``forward`` frames only)."""
-    trace = (node.meta.get("stack_trace") or "").splitlines()
-    for line in reversed([t.strip() for t in trace if t.strip().startswith("File ")]):
-        try:  # 'File "/x/y.py", line 12, in forward'
-            path, lineno = line.split('"')[1], int(line.split("line ")[1].split(",")[0])
-        except (IndexError, ValueError):
-            continue
-        if line.endswith(" in forward") and is_caller(path):
-            return f"{path}:{lineno}"
-    return ""
+    return forward_source(node.meta.get("stack_trace") or "")
 
 
 def _shape(node: Node) -> tuple[int, ...]:

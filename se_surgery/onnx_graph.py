@@ -266,20 +266,12 @@ def fold_graph(model: ir.Model, sites: list | None = None) -> list[Fold]:
 def _origin(node: ir.Node) -> tuple[str, str]:
     """(module path, ``/path/file.py:line``) of the PyTorch call an exported node came from (torch.onnx's
     metadata; empty where the exporter left none)."""
-    from .site import is_caller
+    from .site import forward_source
 
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]  # full paths, outermost first, then the op
     path = parts[-2] if len(parts) >= 2 else ""
-    source = ""
-    for line in reversed(node.metadata_props.get("pkg.torch.onnx.stack_trace", "").splitlines()):
-        line = line.strip()
-        if line.startswith("File ") and '"' in line and line.endswith(" in forward"):
-            file = line.split('"')[1]
-            if is_caller(file):
-                source = f"{file}:{line.split('line ')[1].split(',')[0]}"
-                break
-    return path, source
+    return path, forward_source(node.metadata_props.get("pkg.torch.onnx.stack_trace", ""))
 
 
 def _labels(resizes: list[ir.Node], sites: list | None) -> dict[ir.Node, str]:

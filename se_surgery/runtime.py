@@ -35,12 +35,10 @@ from .errors import SiteMismatchError, UsageError
 from .site import CallKey, Site, is_caller
 
 INTERPOLATING = {"linear", "bilinear", "bicubic", "trilinear"}
-_RESIZE_FUNCS = {F.interpolate, torch._C._nn.upsample_linear1d, torch._C._nn.upsample_bilinear2d,
-                 torch._C._nn.upsample_bicubic2d, torch._C._nn.upsample_trilinear3d,
-                 torch._C._nn._upsample_bilinear2d_aa, torch._C._nn._upsample_bicubic2d_aa}
 _DIRECT_MODE = {torch._C._nn.upsample_linear1d: "linear", torch._C._nn.upsample_bilinear2d: "bilinear",
                 torch._C._nn.upsample_bicubic2d: "bicubic", torch._C._nn.upsample_trilinear3d: "trilinear",
                 torch._C._nn._upsample_bilinear2d_aa: "bilinear", torch._C._nn._upsample_bicubic2d_aa: "bicubic"}
+_RESIZE_FUNCS = {F.interpolate, *_DIRECT_MODE}
 _LIST_FUSIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _FUSION_FUNCS = _LIST_FUSIONS | {torch.add, torch.sub, torch.subtract, torch.Tensor.add, torch.Tensor.add_,
                                  torch.Tensor.sub, torch.Tensor.sub_, torch.Tensor.__add__, torch.Tensor.__iadd__,

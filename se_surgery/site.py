@@ -100,6 +100,20 @@ _PACKAGE = os.path.normcase(os.path.dirname(os.path.abspath(__file__)))
 _LIBRARY: frozenset[str] | None = None
 
 
+def forward_source(stack_trace: str) -> str:
+    """``/path/file.py:line`` of the innermost user ``forward`` frame in a formatted stack trace (torch.export's
+    ``stack_trace`` node meta, torch.onnx's ``pkg.torch.onnx.stack_trace``); ``""`` when there is none. A helper
+    method's calls count as the line in ``forward`` that calls it: torch.export may record ``forward`` frames only."""
+    for line in reversed([t.strip() for t in stack_trace.splitlines() if t.strip().startswith("File ")]):
+        try:  # 'File "/x/y.py", line 12, in forward'
+            path, lineno = line.split('"')[1], int(line.split("line ")[1].split(",")[0])
+        except (IndexError, ValueError):
+            continue
+        if line.endswith(" in forward") and is_caller(path):
+            return f"{path}:{lineno}"
+    return ""
+
+
 def is_caller(filename: str) -> bool:
     """Whether a frame of this file can be the caller that a site's source line names: not torch's function
     wrappers (``F.interpolate``, ``__torch_function__`` dispatch, ``Tensor`` operators) nor se_surgery itself."""
