@@ -14,14 +14,16 @@ from .errors import (
     UsageError,
 )
 from .find import find_sites
-from .fold import FoldStep, fold
+from .fold import fold
 from .onnx import FoldReport, export_onnx, fold_onnx
 from .report import BranchScale, ScaleReport, describe, scale_report
 from .runtime import equalizers
 from .site import Consumer, Site
+from .state import Compensation, FoldAction, FoldReason, FoldStep
 
 __all__ = [
-    "BranchScale", "CalibrationError", "CaptureError", "Consumer", "FoldReport", "FoldStep", "NotCalibratedError",
+    "BranchScale", "CalibrationError", "CaptureError", "Compensation", "Consumer", "FoldAction", "FoldReason",
+    "FoldReport", "FoldStep", "NotCalibratedError",
     "OnnxError", "ScaleEqualizer", "ScaleReport", "SeSurgeryError", "Site", "SiteMismatchError", "UsageError",
     "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold", "fold_onnx",
     "restore", "scale_report",

@@ -49,6 +49,8 @@ class RunningMoments:
         """Merge one batch: its mean, then the sum of squared deviations from it (two passes in the input's dtype,
         which is exact enough and about as cheap as an activation; ``torch.var_mean`` is ~15x slower on CPU)."""
         x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):  # their sums of squares overflow or lose the digits
+            x = x.float()
         dims = self.dims if self.dims is not None else tuple(range(x.dim()))
         n = math.prod(x.shape[d] for d in dims)
         mean = x.mean(dim=dims, keepdim=True)
@@ -161,6 +163,13 @@ def _device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
+def check_data(data: Any) -> None:
+    """A :class:`~se_surgery.UsageError` for calibration data that cannot be batches at all."""
+    if data is None or isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise UsageError(f"calibration data must be an iterable of batches (a DataLoader, a list of tensors or of "
+                         f"(image, label) pairs), got {type(data).__name__}; for one batch, pass [batch].")
+
+
 def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
                 input_fn: InputFn | None = None) -> Iterator[tuple[int, tuple, dict]]:
     """``(index, args, kwargs)`` per batch of ``data`` (at most ``max_batches``, read lazily), on the model's
@@ -268,6 +277,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     eqs = equalizers(model)
     if not eqs:
         raise UsageError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")
+    check_data(data)
     folded = [eq.name for eq in eqs if eq.folded]
     if folded:
         raise UsageError(f"{', '.join(folded)} were folded into the model's weights by se_surgery.fold; "

@@ -53,11 +53,14 @@ def default_example(model: nn.Module) -> ExampleInputs:
     return {name: x} if name else (x,)
 
 
-def capture(model: nn.Module, example_inputs: ExampleInputs) -> torch.export.ExportedProgram:
-    """Export ``model`` in eval mode (the graph deployment sees) without changing its mode or weights."""
+def capture(model: nn.Module, example_inputs: ExampleInputs, training: bool = False) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode (the graph deployment sees; ``training``: in training mode) without changing
+    its mode or weights."""
     args, kwargs = split_inputs(example_inputs)
     try:
         with eval_mode(model):
+            if training:
+                model.train()
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # torch.export raises many types; all mean the same thing to the user
         raise CaptureError(

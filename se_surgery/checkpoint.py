@@ -19,20 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .equalize import equalize
 from .errors import UsageError
+from .runtime import detach, equalizers
+from .state import RECIPE_KEY, decode, encode, registry
 
-RECIPE_KEY = "scale_equalizers._extra_state"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
-
-
-def encode(recipe: dict) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(recipe, sort_keys=True).encode()), dtype=torch.uint8).clone()
-
-
-def decode(value: Any) -> dict:
-    if isinstance(value, torch.Tensor):
-        return json.loads(bytes(value.cpu().tolist()).decode())
-    return dict(value)
 
 
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Any]:
@@ -68,7 +60,7 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Any]:
                                  f"({type(error).__name__}: {str(error).splitlines()[0]}).") from error
             if not isinstance(state, Mapping):
                 raise UsageError(f"{path}: holds a {type(state).__name__}, not a state_dict.")
-    if isinstance(state.get("state_dict"), Mapping):  # {"state_dict": ..., ...}, e.g. se-surgery equalize -o
+    if isinstance(state.get("state_dict"), Mapping):  # {"state_dict": ..., ...}: se-surgery equalize -o, Lightning
         meta, state = state.get("se_surgery"), dict(state["state_dict"])
         if isinstance(meta, Mapping) and RECIPE_KEY not in state:  # written by se-surgery 0.1: no recipe inside
             hf = str(meta["model"]).startswith("hf:")
@@ -88,35 +80,47 @@ def example_from(recipe: dict, device: torch.device) -> tuple | dict:
     return tuple(tensors)
 
 
-def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True) -> nn.Module:
+def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True,
+            prefix: str | None = None) -> nn.Module:
     """Give an equalized model back from a checkpoint of one, bit for bit.
 
     Args:
         model: the model as its library builds it (e.g. ``Cls.from_pretrained(folder)``, ``smp.UPerNet(...)``),
             without equalizers; it is edited in place.
-        source: a state_dict, a ``.pt``/``.bin``/``.safetensors`` file, a ``save_pretrained`` folder, or a file
-            written by ``se-surgery equalize -o``.
+        source: a state_dict, a ``.pt``/``.bin``/``.safetensors``/``.ckpt`` file, a ``save_pretrained`` folder, or a
+            file written by ``se-surgery equalize -o``. Checkpoints of training frameworks are read too: the
+            equalized model's entries are found under their key prefix (Lightning's ``model.``, DDP's ``module.``,
+            ``torch.compile``'s ``_orig_mod.``, ``{"model": state_dict, "optimizer": ...}``), with a warning that
+            names the prefix.
         strict: passed to ``load_state_dict``.
+        prefix: the key prefix of the model's entries, where a checkpoint holds several equalized models.
 
     Returns:
         ``model``, equalized at the same sites as the saved one, with all saved weights and statistics loaded.
     """
-    from .equalize import equalize
-    from .runtime import detach, equalizers, registry
-
-    state = read_state_dict(source)
-    if RECIPE_KEY not in state:
-        raise UsageError(f"{_name(source)} holds no se_surgery equalizers (no {RECIPE_KEY} entry): it is a checkpoint "
-                         f"of a plain model; load it with model.load_state_dict, or equalize after loading.")
-    recipe = decode(state[RECIPE_KEY])
+    state = _model_entries(read_state_dict(source), source, prefix)
+    recipe = decode(state[RECIPE_KEY], _name(source))
     if registry(model) is not None:
         raise UsageError(f"{type(model).__name__} already has equalizers; restore into the model as its library "
                          f"builds it.")
+    saved_shape = next((v.shape for k, v in state.items() if k.startswith("scale_equalizers.")
+                        and k.endswith(".mean")), None)
+    if saved_shape is not None and (len(saved_shape) == 1) != recipe["per_channel"]:
+        raise UsageError(f"{_name(source)}: its recipe says per_channel={recipe['per_channel']}, but its saved "
+                         f"statistics have shape {tuple(saved_shape)}; the checkpoint is inconsistent.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        equalize(model, example_from(recipe, device), None, per_channel=recipe["per_channel"],
-                 branches=recipe["branches"], inplace=True, progress=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            equalize(model, example_from(recipe, device), None, per_channel=recipe["per_channel"],
+                     branches=recipe["branches"], inplace=True, progress=False)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"{_name(source)}: {type(model).__name__} cannot be equalized as the checkpoint's recipe "
+                         f"says (example inputs {recipe['shapes']}): {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}. Restore into the architecture it was "
+                         f"saved from.") from error
     found = [eq.name for eq in equalizers(model)]
     if found != recipe["sites"]:
         raise UsageError(f"{_name(source)} has equalizers at {recipe['sites']}, but {type(model).__name__} gives "
@@ -136,6 +140,33 @@ def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bo
     else:
         model.load_state_dict(state, strict=strict)
     return model
+
+
+def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
+    """The equalized model's entries of a checkpoint, with their key prefix taken off."""
+    if prefix is None and RECIPE_KEY not in state:
+        nested = [k for k, v in state.items() if isinstance(v, Mapping) and any(
+            isinstance(key, str) and key.endswith(RECIPE_KEY) for key in v)]
+        if len(nested) == 1:  # {"model": state_dict, "optimizer": ...}
+            warnings.warn(f"se_surgery: restoring from the {nested[0]!r} entry of {_name(source)}.", stacklevel=3)
+            state = dict(state[nested[0]])
+    if prefix is None:
+        found = sorted({k[:-len(RECIPE_KEY)] for k in state if isinstance(k, str) and k.endswith(RECIPE_KEY)})
+        if not found:
+            raise UsageError(f"{_name(source)} holds no se_surgery equalizers (no {RECIPE_KEY} entry under any "
+                             f"prefix): it is a checkpoint of a plain model; load it with model.load_state_dict, or "
+                             f"equalize after loading.")
+        if len(found) > 1:
+            raise UsageError(f"{_name(source)} holds {len(found)} equalized models, under the prefixes {found}: "
+                             f"pass prefix= to say which to restore.")
+        prefix = found[0]
+        if prefix:
+            warnings.warn(f"se_surgery: {_name(source)} keeps the equalized model under the key prefix {prefix!r} "
+                          f"(a training framework's checkpoint); restoring from those entries.", stacklevel=3)
+    if prefix + RECIPE_KEY not in state:
+        raise UsageError(f"{_name(source)} has no {prefix + RECIPE_KEY} entry: no equalized model under the prefix "
+                         f"{prefix!r}.")
+    return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
 def _transformers_folder(source: Any) -> bool:

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .calibrate import InputFn, run_levels
+from .absorb import absorb_input_affine, refusal, shift_absorbable
+from .calibrate import InputFn, check_data, run_levels
 from .capture import ExampleInputs, capture, default_example, split_inputs
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
-from .find import explain, find_sites
-from .fold import absorb_input_affine, shift_absorbable
-from .modes import eval_mode
-from .runtime import attach, equalizers, registry
+from .find import explain, find_sites, module_calls
+from .modes import copy_model, eval_mode
+from .runtime import attach, bypassed, equalizers
+from .state import Compensation, registry
 
 
 def equalize(
@@ -65,15 +65,21 @@ def equalize(
                       f"input of shape {shown}. Pass example_inputs at your training size if it differs.",
                       stacklevel=2)
     args, kwargs = split_inputs(example_inputs)
-    target = model if inplace else copy.deepcopy(model)
-    with bypassed(target):
+    inner = next((name for name, m in model.named_modules() if name and registry(m) is not None), None)
+    if inner is not None:
+        raise UsageError(f"{type(model).__name__} contains an equalized model at {inner!r}: equalizing the whole "
+                         f"would add a second equalizer at its sites. Equalize the plain model before wrapping it, "
+                         f"or use the inner model as it is.")
+    target = model if inplace else copy_model(model)
+    with bypassed():
         program = capture(target, example_inputs)
     sites = find_sites(program, branches=branches)
     if not sites:
         warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
                       f"({explain(program)}); the model is returned unchanged.", stacklevel=2)
         return target
-    added = attach(target, sites, per_channel=per_channel)
+    added = attach(target, sites, per_channel=per_channel, train_calls=_training_calls(target, example_inputs,
+                                                                                       program))
     if not added:
         warnings.warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
                       f"nothing added.", stacklevel=2)
@@ -94,6 +100,7 @@ def equalize(
     _verify(target, added, args, kwargs)
     if calibration_data is None:
         return target
+    check_data(calibration_data)
     reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
     run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
                after_level=(lambda eqs: [_compensate(target, eq) for eq in eqs]) if preserve_function else None)
@@ -102,17 +109,21 @@ def equalize(
     return target
 
 
-@contextlib.contextmanager
-def bypassed(model: nn.Module) -> Iterator[None]:
-    """Inside the block, the model's equalizers (if any) pass their input through."""
-    reg = registry(model)
-    if reg is not None:
-        reg.bypass = True
+def _training_calls(model: nn.Module, example_inputs: ExampleInputs, program) -> dict[str, int]:
+    """Owners that the training-mode forward calls more often than the eval-mode graph (a path taken only in
+    training, e.g. MONAI SegResNetVAE's reconstruction through the decoder's upsamplers), with that count.
+
+    Only modules of the eval graph count; if the training forward cannot be captured, none are known, and such a
+    call raises at run time instead of being guessed."""
+    if not any(m.training for m in model.modules()):
+        return {}
     try:
-        yield
-    finally:
-        if reg is not None:
-            reg.bypass = False
+        with bypassed(), torch.random.fork_rng():
+            train_program = capture(model, example_inputs, training=True)
+    except Exception:
+        return {}
+    eval_calls, train_calls = module_calls(program), module_calls(train_program)
+    return {path: n for path, n in train_calls.items() if n > eval_calls.get(path, n)}
 
 
 def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None:
@@ -135,7 +146,7 @@ def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None
 
 
 def _outputs(model: nn.Module, args, kwargs, bypass: bool = False) -> list[torch.Tensor]:
-    with eval_mode(model), torch.no_grad(), bypassed(model) if bypass else contextlib.nullcontext():
+    with eval_mode(model), torch.no_grad(), bypassed() if bypass else contextlib.nullcontext():
         out = model(*args, **kwargs)
     return [t.detach().clone() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
@@ -143,25 +154,25 @@ def _outputs(model: nn.Module, args, kwargs, bypass: bool = False) -> list[torch
 def _compensate(model: nn.Module, eq: ScaleEqualizer) -> None:
     """Let the site's consumer absorb ``x = sigma * e + mu`` so the model computes what it did before."""
     consumer = eq.site.consumer
-    if consumer is None:
-        eq.compensation = f"not possible: the branch reaches a {eq.site.fusion} before any conv"
+    reason = refusal(model, consumer)
+    if reason is not None:
+        eq.compensation = Compensation(reason.value)
         return
     shift = eq.mean if shift_absorbable(consumer) else torch.zeros_like(eq.mean)
     absorb_input_affine(model, consumer, eq.std, shift)
-    where = consumer.weight.rsplit(".", 1)[0]
     if not shift_absorbable(consumer):
-        eq.compensation = f"scale only: {where} has no bias or BatchNorm to take the shift"
+        eq.compensation = Compensation.SCALE_ONLY
     elif consumer.zero_padded:
-        eq.compensation = f"inexact at borders: {where} is zero-padded"
+        eq.compensation = Compensation.ZERO_PADDED
     else:
-        eq.compensation = f"exact, in {where}" + (" (BatchNorm running_mean)" if consumer.bias is None else "")
+        eq.compensation = Compensation.EXACT
 
 
 def _report_change(model: nn.Module, reference: list[torch.Tensor], args, kwargs) -> None:
     after = _outputs(model, args, kwargs)
     change = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(after, reference))
     registry(model).output_change = change
-    inexact = [eq.name for eq in equalizers(model) if eq.compensation and not eq.compensation.startswith("exact")]
+    inexact = [eq.name for eq in equalizers(model) if eq.compensation not in (Compensation.NONE, Compensation.EXACT)]
     if inexact:
         warnings.warn(f"se_surgery: preserve_function could not keep the function exactly at {len(inexact)} "
                       f"site(s) ({', '.join(inexact)}); the output moved by {change:.3g} (max abs difference "

@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import NotCalibratedError
 from .site import Site
+from .state import Compensation, FoldAction
 
 
 class ScaleEqualizer(nn.Module):
@@ -36,8 +37,8 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False, device=device))
         self.is_calibrated = False   # mirror of the buffer, read in forward without a device sync
         self.observer: Callable[[torch.Tensor], None] | None = None
-        self.compensation = ""       # what preserve_function did at this site (see equalize.py)
-        self.folded = ""             # what fold() moved into the model from here; such statistics stay frozen
+        self.compensation = Compensation.NONE  # what preserve_function did at this site (see equalize.py)
+        self.folded = FoldAction.NONE          # what fold() did here; folded statistics stay frozen
         self.before_resize = False   # fold() moved it onto its resize's input (exact: resizing commutes with it)
         self.register_load_state_dict_post_hook(_sync_calibrated)
 
@@ -74,7 +75,7 @@ class ScaleEqualizer(nn.Module):
             stats = f"mean~{self.mean.mean().item():.4g}, std~{self.std.mean().item():.4g} ({self.mean.numel()} ch)"
         else:
             stats = f"mean={self.mean.item():.4g}, std={self.std.item():.4g}"
-        return where + stats + (f", folded ({self.folded})" if self.folded else "")
+        return where + stats + (f", fold: {self.folded}" if self.folded else "")
 
 
 def _sync_calibrated(module: nn.Module, _incompatible) -> None:

@@ -26,22 +26,12 @@ from collections import defaultdict
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from .ops import ADDITIVE_OPS, FUSION_OPS, LIST_FUSION_OPS, RESIZE_OPS
 from .site import Consumer, Site, forward_source
 
 aten = torch.ops.aten
 
-# Interpolating resizes and the mode each stands for (nearest and area are not here: they keep the variance).
-RESIZE_OPS = {
-    aten.upsample_linear1d.vec: "linear", aten.upsample_linear1d.default: "linear",
-    aten.upsample_bilinear2d.vec: "bilinear", aten.upsample_bilinear2d.default: "bilinear",
-    aten._upsample_bilinear2d_aa.vec: "bilinear", aten._upsample_bilinear2d_aa.default: "bilinear",
-    aten.upsample_bicubic2d.vec: "bicubic", aten.upsample_bicubic2d.default: "bicubic",
-    aten._upsample_bicubic2d_aa.vec: "bicubic", aten._upsample_bicubic2d_aa.default: "bicubic",
-    aten.upsample_trilinear3d.vec: "trilinear", aten.upsample_trilinear3d.default: "trilinear",
-}
-FUSION_OPS = {aten.cat.default: "cat", aten.stack.default: "stack", aten.add.Tensor: "add", aten.add_.Tensor: "add",
-              aten.sub.Tensor: "sub", aten.sub_.Tensor: "sub"}
-_ADDITIVE = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
+_ADDITIVE = set(ADDITIVE_OPS)
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
           aten.conv3d.padding}
 # Ops that take the branch as their data input (argument 0) and stay linear in it.
@@ -151,7 +141,7 @@ def _data_dependent(graph: Graph, user_inputs: set[str]) -> set[Node]:
 
 
 def _fusion_inputs(node: Node) -> list:
-    if node.target in (aten.cat.default, aten.stack.default):
+    if node.target in LIST_FUSION_OPS:
         return list(node.args[0])
     return list(node.args[:2])
 
@@ -225,7 +215,7 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
             node = user
             path.append(str(user.target).split(".")[1])
             continue
-        if user.target == aten.cat.default:
+        if user.target in LIST_FUSION_OPS and LIST_FUSION_OPS[user.target] == "cat":
             dim = user.args[1] if len(user.args) > 1 else 0
             if dim not in (1, 1 - len(_shape(user))) or offset:
                 return None
@@ -255,8 +245,17 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
                     bn = params.get(after.args[3].name)
             path.append(str(user.target).split(".")[1])
             return Consumer(params[weight.name], params.get(bias.name) if bias is not None else None, bn,
-                            (offset, offset + channels), padded, " -> ".join(path))
+                            (offset, offset + channels), padded, " -> ".join(path), shared=len(weight.users) > 1)
         return None
+
+
+def module_calls(program: torch.export.ExportedProgram) -> dict[str, int]:
+    """How many times the graph calls each module (by path) in one forward."""
+    calls: dict[str, set[str]] = defaultdict(set)
+    for node in flat_graph(program).nodes:
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            calls[path].add(key)
+    return {path: len(keys) for path, keys in calls.items()}
 
 
 def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled") -> list[Site]:

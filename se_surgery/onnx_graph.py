@@ -329,8 +329,24 @@ def load(path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
         raise OnnxError(f"{path}: no such file.")
     try:
         model = ir.load(path)
-        files = {os.path.abspath(path)} | {os.path.abspath(v.const_value.path) for v in _constants(model)
-                                           if isinstance(v.const_value, ir.ExternalTensor)}
+    except Exception as error:
+        raise OnnxError(f"{path} is not a readable ONNX model ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}).") from error
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    files = {os.path.abspath(path)}
+    for value in _constants(model):
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        # Untrusted: read external data only from the model's own folder, by resolved real path.
+        location = str(tensor.location)
+        real = os.path.realpath(os.path.join(folder, location))
+        if os.path.isabs(location) or os.path.commonpath([folder, real]) != folder:
+            raise OnnxError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
+                            f"folder ({folder}); se_surgery reads external data only from the model's own folder. "
+                            f"Nothing was read or written.")
+        files.add(real)
+    try:
         ir.external_data.load_to_model(model)
     except Exception as error:
         raise OnnxError(f"{path} is not a readable ONNX model with its data ({type(error).__name__}: "

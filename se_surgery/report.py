@@ -20,9 +20,56 @@ from torch import nn
 
 from .calibrate import RunningMoments, _device, model_calls
 from .capture import ExampleInputs
+from .equalize import equalize
 from .errors import CalibrationError, UsageError
 from .files import atomic_write
-from .runtime import equalizers, registry
+from .runtime import equalizers
+from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
+
+_REASONS = {
+    FoldReason.NO_CONSUMER: "the branch meets an addition before any conv",
+    FoldReason.ZERO_PADDED: "{consumer} is zero-padded",
+    FoldReason.NO_BIAS: "{consumer} has no bias or BatchNorm to take the shift",
+    FoldReason.SHARED_CONSUMER: "{consumer} also serves other branches",
+    FoldReason.NOT_PLAIN_CONSUMER: "{consumer} is not a plain conv of its weight (grouped, a wrapper such as peft "
+                                   "LoRA, a parametrization or hooks)",
+}
+
+
+def reason_sentence(reason: FoldReason, consumer: str, fusion: str = "") -> str:
+    """A refusal reason as a sentence (``describe``, warnings)."""
+    text = _REASONS.get(reason, "")
+    if reason == FoldReason.NO_CONSUMER and fusion in ("cat", "stack"):
+        text = f"the branch meets a {'concatenation' if fusion == 'cat' else 'stack'} before any conv"
+    elif reason == FoldReason.NO_CONSUMER and fusion == "sub":
+        text = "the branch meets a subtraction before any conv"
+    return text.format(consumer=consumer or "its consumer")
+
+
+def _compensation(eq) -> str:
+    consumer = eq.site.consumer.weight.rsplit(".", 1)[0] if eq.site.consumer is not None else ""
+    c = eq.compensation
+    if c == Compensation.NONE:
+        return "-"
+    if c == Compensation.EXACT:
+        bn = eq.site.consumer is not None and eq.site.consumer.bias is None
+        return f"exact, in {consumer}" + (" (BatchNorm running_mean)" if bn else "")
+    if c == Compensation.ZERO_PADDED:
+        return f"inexact at borders: {consumer} is zero-padded"
+    if c == Compensation.SCALE_ONLY:
+        return f"scale only: {consumer} has no bias or BatchNorm to take the shift"
+    return "not possible: " + reason_sentence(FoldReason(c.value), consumer, eq.site.fusion)
+
+
+def _fold_step(step: FoldStep, fusion: str = "") -> str:
+    why = reason_sentence(step.reason, step.consumer, fusion)
+    if step.action == FoldAction.FOLDED:
+        return f"folded into {step.consumer}"
+    if step.action == FoldAction.SCALE_FOLDED:
+        return f"scale folded into {step.consumer}; the shift stays ({why})"
+    if step.action == FoldAction.MOVED:
+        return f"moved before the resize ({why})"
+    return f"kept ({why})"
 
 
 def describe(model: nn.Module) -> str:
@@ -34,18 +81,23 @@ def describe(model: nn.Module) -> str:
     """
     rows = []
     reg = registry(model)
+    steps = {step.site: step for step in (reg.folds if reg is not None else [])}
+    fusions = {eq.site.name: eq.site.fusion for eq in equalizers(model)}
     for eq in equalizers(model):
         site = eq.site
         factor = f"x{site.factor:.3g}" if site.factor else "-"
-        if eq.is_calibrated:
+        if not eq.is_calibrated:
+            mean = std = "uncalibrated"
+        else:
             mean = f"{eq.mean.mean().item():.4g}" + ("*" if eq.per_channel else "")
             std = f"{eq.std.mean().item():.4g}" + ("*" if eq.per_channel else "")
-        else:
-            mean = std = "uncalibrated"
+            if eq.folded == FoldAction.SCALE_FOLDED:
+                std = f"(in {steps[site.name].consumer})" if site.name in steps else std
+        fold_text = _fold_step(steps[site.name], site.fusion) if site.name in steps and eq.folded else "-"
         rows.append([site.name, site.mode or site.kind, factor,
                      str(site.align_corners) if site.kind == "upsample" else "-", site.fusion, str(site.level), mean,
-                     std, eq.compensation or "-", eq.folded or "-", site.where])
-    folded = [f"  {step.site}: {step.action} ({step.detail})" for step in (reg.folds if reg is not None else [])]
+                     std, _compensation(eq), fold_text, site.where])
+    folded = [f"  {step.site}: {_fold_step(step, fusions.get(step.site, ''))}" for step in steps.values()]
     if not rows:
         text = f"{type(model).__name__}: no scale equalizers."
         return "\n".join([text, "folded by se_surgery.fold:", *folded]) if folded else text
@@ -213,8 +265,6 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
-    from .equalize import equalize
-
     probe = copy.deepcopy(model)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     with warnings.catch_warnings():

@@ -3,6 +3,9 @@ conv that can absorb it (``Consumer``)."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import linecache
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,6 +21,7 @@ class Consumer:
     channels: tuple[int, int]   # the slice of the consumer's input channels this branch feeds
     zero_padded: bool           # zero padding makes the shift inexact at the borders
     path: str                   # the ops between the site and the consumer, for messages
+    shared: bool = False        # its weight serves other calls too (one conv module applied to several branches)
 
 
 class CallKey(NamedTuple):
@@ -47,7 +51,7 @@ class Site:
     align_corners: bool | None
     level: int                  # 0 unless other sites lie upstream; calibration goes level by level
     consumer: Consumer | None
-    source: str                 # "/path/file.py:line" of the call in the owner's forward
+    source: str                 # the call's line in the owner's forward, as ``source_key`` gives it
     occurrence: int             # which of the owner's calls (of this op kind) from that source line
     line_calls: int             # how many such calls the graph makes from that line in one call of the owner
     upstream: frozenset[str] = field(default_factory=frozenset)
@@ -77,8 +81,8 @@ class Site:
 
     @property
     def where(self) -> str:
-        """``file.py:line`` for messages."""
-        return os.path.basename(self.source) if self.source else "?"
+        """The source line for messages: ``Class.forward+3`` (three lines into that function)."""
+        return self.source or "no source line"
 
     @property
     def factor(self) -> float | None:
@@ -101,7 +105,7 @@ _LIBRARY: frozenset[str] | None = None
 
 
 def forward_source(stack_trace: str) -> str:
-    """``/path/file.py:line`` of the innermost user ``forward`` frame in a formatted stack trace (torch.export's
+    """The :func:`source_key` of the innermost user ``forward`` frame in a formatted stack trace (torch.export's
     ``stack_trace`` node meta, torch.onnx's ``pkg.torch.onnx.stack_trace``); ``""`` when there is none. A helper
     method's calls count as the line in ``forward`` that calls it: torch.export may record ``forward`` frames only."""
     for line in reversed([t.strip() for t in stack_trace.splitlines() if t.strip().startswith("File ")]):
@@ -110,10 +114,55 @@ def forward_source(stack_trace: str) -> str:
         except (IndexError, ValueError):
             continue
         if line.endswith(" in forward") and is_caller(path):
-            return f"{path}:{lineno}"
+            return source_key(path, lineno)
     return ""
 
 
+@functools.lru_cache(maxsize=8192)
+def source_key(filename: str, lineno: int) -> str:
+    """A call's source line as ``Qualified.function+offset`` (the line's offset from the function's first line),
+    so that the key survives moving the code to another path or machine: no file path is in it.
+
+    The source comes from ``linecache`` (files, notebooks' cells, anything registered there). Where there is none,
+    ``file:line`` with the file's base name (``<stdin>:8``); code from ``python -c`` or ``exec`` (``<string>``)
+    gives ``""``: torch.export records no frames for it either, so its sites are told apart by order alone."""
+    if filename == "<string>":
+        return ""
+    spans = _functions(filename)
+    inner = min((s for s in spans if s[0] <= lineno <= s[1]), key=lambda s: s[1] - s[0], default=None)
+    if inner is None:
+        return f"{os.path.basename(filename)}:{lineno}"
+    return f"{inner[2]}+{lineno - inner[0]}"
+
+
+@functools.lru_cache(maxsize=512)
+def _functions(filename: str) -> tuple[tuple[int, int, str], ...]:
+    """(first line, last line, qualified name) of every function in a source file, as Python numbers them
+    (``co_firstlineno`` is the first decorator's line)."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(filename)))
+    except (SyntaxError, ValueError, RecursionError):
+        return ()
+    spans = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                    spans.append((first, child.end_lineno or child.lineno, name))
+                    visit(child, name + ".<locals>.")
+                else:
+                    visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return tuple(spans)
+
+
+@functools.lru_cache(maxsize=4096)
 def is_caller(filename: str) -> bool:
     """Whether a frame of this file can be the caller that a site's source line names: not torch's function
     wrappers (``F.interpolate``, ``__torch_function__`` dispatch, ``Tensor`` operators) nor se_surgery itself."""

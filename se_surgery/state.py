@@ -1,0 +1,290 @@
+"""The saved state: what an equalized model carries (``model.scale_equalizers``), the records of what
+``preserve_function`` and ``fold`` did, and the recipe codec that lets ``restore`` rebuild the model.
+
+Everything here is data: no hooks, no modes (``runtime.py``), no graph pass (``find.py``). Records are enums, stored
+as their values in checkpoints; ``report.describe`` renders them as sentences. The recipe is untrusted input when
+it comes back from a file: :func:`decode` checks it against :data:`SCHEMA` before anything is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CaptureError, UsageError
+from .site import CallKey, Site
+
+
+class Compensation(StrEnum):
+    """What ``preserve_function`` did at a site."""
+
+    NONE = ""                                  # not asked for
+    EXACT = "exact"                            # the consumer absorbed scale and shift
+    SCALE_ONLY = "scale_only"                  # the consumer has no bias or BatchNorm to take the shift
+    ZERO_PADDED = "zero_padded"                # exact but at the borders: the consumer is zero-padded
+    NO_CONSUMER = "no_consumer"                # the branch meets an addition (no weights) before any conv
+    SHARED_CONSUMER = "shared_consumer"        # the consumer's weight also serves other inputs
+    NOT_PLAIN_CONSUMER = "not_plain_consumer"  # grouped, wrapped (LoRA), parametrized or hooked
+
+
+class FoldAction(StrEnum):
+    """What ``fold`` did at a site."""
+
+    NONE = ""                 # not folded
+    FOLDED = "folded"         # scale and shift went into the consumer; the equalizer is gone
+    SCALE_FOLDED = "scale_folded"  # scale went into the consumer; the shift stays (before the resize if a resize)
+    MOVED = "moved"           # the whole equalizer acts on the resize's input instead (exact, cheaper)
+    KEPT = "kept"             # left as it is
+
+
+class FoldReason(StrEnum):
+    """Why ``fold`` (or ``preserve_function``) could not absorb everything into a consumer."""
+
+    NONE = ""
+    NO_CONSUMER = "no_consumer"
+    ZERO_PADDED = "zero_padded"
+    NO_BIAS = "no_bias"
+    SHARED_CONSUMER = "shared_consumer"
+    NOT_PLAIN_CONSUMER = "not_plain_consumer"
+
+
+@dataclass
+class FoldStep:
+    """What folding did at one site: the action, why not more, and the consumer (module path) involved."""
+
+    site: str
+    action: FoldAction
+    reason: FoldReason = FoldReason.NONE
+    consumer: str = ""
+
+
+@dataclass
+class OwnerSites:
+    """The sites one owner module's forward holds, by run-time identity (:class:`~se_surgery.site.CallKey`)."""
+
+    path: str
+    calls: int                                     # how many times the (eval-mode) graph calls the module
+    train_calls: int | None = None                 # the training-mode graph's count, where it differs
+    sites: dict[CallKey, dict[int, str]] = field(default_factory=dict)   # call -> {fusion input: equalizer name}
+    line_calls: dict[tuple[int, str, str], int] = field(default_factory=dict)  # (call, op, source) -> count
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset(key.op for key in self.sites)
+
+    @property
+    def shared(self) -> bool:
+        return self.calls > 1
+
+    def add(self, site: Site, name: str) -> None:
+        key = site.call_key
+        self.sites.setdefault(key, {})[site.arg] = name
+        self.line_calls[(key.call, key.op, key.source)] = site.line_calls
+
+
+class EqualizerRegistry(nn.ModuleDict):
+    """``model.scale_equalizers``: every equalizer of one model by name, and the tables its hooks read.
+
+    The only attribute se_surgery adds to a model. Its buffers are the equalizers' (``scale_equalizers.<site>.
+    {mean,std,calibrated}`` in the state_dict); the recipe and the records ride along as
+    ``scale_equalizers._extra_state``. Nothing per call is kept here (that lives with the calling thread, see
+    ``runtime.py``), so one model can serve many threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: dict[str, OwnerSites] = {}
+        self.input_form: tuple[str, object] | None = None   # how calibration batches map to the model's inputs
+        self.output_change: float | None = None      # what preserve_function moved the output by
+        self.folds: list[FoldStep] = []              # what se_surgery.fold did
+        self.recipe: dict = {}                       # how equalize was called: what restore needs
+
+    def get_extra_state(self) -> torch.Tensor:
+        state = dict(self.recipe, version=VERSION, output_change=self.output_change,
+                     folds=[{"site": s.site, "action": str(s.action), "reason": str(s.reason),
+                             "consumer": s.consumer} for s in self.folds],
+                     equalizers={name: {"compensation": str(eq.compensation), "folded": str(eq.folded),
+                                        "before_resize": eq.before_resize} for name, eq in self.items()})
+        return encode(state)
+
+    def set_extra_state(self, value: Any) -> None:
+        state = decode(value)
+        per = state.pop("equalizers")
+        unknown = sorted(set(per) - set(self.keys()))
+        if unknown:
+            raise UsageError(f"the se_surgery recipe names equalizers this model does not have ({unknown[:5]}): "
+                             f"restore it into the architecture it was saved from (se_surgery.restore).")
+        self.output_change = state.pop("output_change")
+        self.folds = [FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
+                      for s in state.pop("folds")]
+        self.recipe = state
+        for name, fields_ in per.items():  # only the three declared fields, already type-checked
+            eq = self[name]
+            eq.compensation = Compensation(fields_["compensation"])
+            eq.folded = FoldAction(fields_["folded"])
+            eq.before_resize = fields_["before_resize"]
+
+    def named_children(self):
+        # torch.fx's tracer lists every module's children before it traces; it calls the root's forward without
+        # its hooks, so equalizers owned by the root would be dropped silently. Refuse instead.
+        if len(self) and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            raise fx_error()
+        return super().named_children()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not len(self):  # a registry emptied by fold adds no key: the state_dict is the plain model's
+            destination.pop(prefix + _EXTRA, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if not len(self) and prefix + _EXTRA in missing_keys:
+            missing_keys.remove(prefix + _EXTRA)
+
+
+_EXTRA = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+RECIPE_KEY = "scale_equalizers." + _EXTRA
+
+
+def fx_error() -> CaptureError:
+    return CaptureError("torch.fx symbolic tracing (symbolic_trace, create_feature_extractor) cannot carry "
+                        "se_surgery's equalizers: it calls forward methods without their hooks and would return the "
+                        "model without them. Trace the plain model and equalize afterwards, or se_surgery.fold the "
+                        "equalized model first.")
+
+
+def registry(model: nn.Module) -> EqualizerRegistry | None:
+    """The model's registry, or None when it has no equalizers."""
+    found = getattr(model, "scale_equalizers", None)
+    return found if isinstance(found, EqualizerRegistry) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe codec. A recipe read from a file is untrusted: bounded in size, parsed, then checked field by field.
+
+VERSION = 2
+MAX_BYTES = 4 << 20          # a real recipe is a few kB per hundred sites
+MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_ELEMENTS = 64, 8, 1 << 20, 1 << 26
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
+
+# version-1 recipes (se_surgery 0.2) stored sentences; their first words give the record.
+_V1_COMPENSATION = {"exact": Compensation.EXACT, "scale only": Compensation.SCALE_ONLY,
+                    "inexact at borders": Compensation.ZERO_PADDED, "not possible": Compensation.NO_CONSUMER}
+_V1_ACTION = {"folded": FoldAction.FOLDED, "scale folded": FoldAction.SCALE_FOLDED,
+              "moved before the resize": FoldAction.MOVED, "kept": FoldAction.KEPT}
+
+
+def encode(recipe: dict) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(recipe, sort_keys=True).encode()), dtype=torch.uint8).clone()
+
+
+def decode(value: Any, where: str = "the checkpoint") -> dict:
+    """The recipe in ``value`` (the uint8 tensor :func:`encode` made), checked against the schema; every problem
+    is a :class:`~se_surgery.UsageError` naming ``where`` and the field."""
+    def bad(what: str) -> UsageError:
+        return UsageError(f"{where}: its se_surgery recipe ({RECIPE_KEY}) {what}; it was not written by "
+                          f"se_surgery or was damaged. Nothing was loaded from it.")
+
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise bad(f"is a {type(value).__name__} ({getattr(value, 'dtype', '')}), not a 1-D uint8 tensor")
+    if value.numel() > MAX_BYTES:
+        raise bad(f"holds {value.numel()} bytes, more than the {MAX_BYTES} se_surgery ever writes")
+    try:
+        state = json.loads(bytes(value.cpu().numpy().tobytes()).decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise bad(f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (ValueError, RecursionError) as error:
+        raise bad(f"is not valid JSON ({type(error).__name__})") from None
+    if not isinstance(state, dict):
+        raise bad(f"is a JSON {type(state).__name__}, not an object")
+    return _checked(state, bad)
+
+
+def _checked(state: dict, bad) -> dict:
+    version = state.get("version")
+    if version not in (1, VERSION) or isinstance(version, bool):
+        raise bad(f"has version {version!r}; this se_surgery reads versions 1 and {VERSION}")
+    required = {"version", "input_kind", "input_names", "shapes", "dtypes", "per_channel", "branches", "sites"}
+    known = required | {"output_change", "folds", "equalizers"}
+    missing, unknown = sorted(required - set(state)), sorted(set(state) - known)
+    if missing or unknown:
+        raise bad(f"lacks {missing}" if missing else f"has fields no se_surgery version writes: {unknown[:5]}")
+
+    def strings(name: str, value: Any, limit: int = 100_000) -> list[str]:
+        if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, str) and len(v) < 1000
+                                                                         for v in value):
+            raise bad(f"field {name!r} is not a list of names")
+        return value
+
+    if state["input_kind"] not in ("args", "kwargs"):
+        raise bad("field 'input_kind' is not 'args' or 'kwargs'")
+    names, dtypes, sites = (strings(k, state[k]) for k in ("input_names", "dtypes", "sites"))
+    if len(set(sites)) != len(sites):
+        raise bad("field 'sites' names a site twice")
+    shapes = state["shapes"]
+    if not isinstance(shapes, list) or not 0 < len(shapes) <= MAX_INPUTS:
+        raise bad(f"field 'shapes' is not a list of 1 to {MAX_INPUTS} shapes")
+    for shape in shapes:
+        if not isinstance(shape, list) or not 0 < len(shape) <= MAX_RANK or \
+                not all(type(d) is int and 0 < d <= MAX_DIM for d in shape):
+            raise bad(f"field 'shapes' holds {str(shape)[:80]}, not a shape of rank 1-{MAX_RANK} with sizes "
+                      f"1-{MAX_DIM}")
+        if torch.Size(shape).numel() > MAX_ELEMENTS:
+            raise bad(f"field 'shapes' holds {shape}: more than {MAX_ELEMENTS} elements, larger than any example")
+    if len(dtypes) != len(shapes) or any(d not in DTYPES for d in dtypes):
+        raise bad(f"field 'dtypes' is not one of {DTYPES} per shape")
+    if state["input_kind"] == "kwargs" and len(names) != len(shapes):
+        raise bad("field 'input_names' does not give one name per shape")
+    if type(state["per_channel"]) is not bool:
+        raise bad("field 'per_channel' is not true or false")
+    if state["branches"] not in ("upsampled", "all"):
+        raise bad("field 'branches' is not 'upsampled' or 'all'")
+    change = state.setdefault("output_change", None)
+    if change is not None and (type(change) not in (int, float)):
+        raise bad("field 'output_change' is not a number")
+
+    folds = state.setdefault("folds", [])
+    if not isinstance(folds, list) or len(folds) > len(sites):
+        raise bad("field 'folds' is not a list of at most one step per site")
+    checked_folds = []
+    for step in folds:
+        if not isinstance(step, dict) or not isinstance(step.get("site"), str) or step["site"] not in sites:
+            raise bad(f"field 'folds' holds {str(step)[:80]}, not a step at one of its sites")
+        if version == 1:
+            action = next((a for text, a in _V1_ACTION.items() if str(step.get("action", "")).startswith(text)),
+                          None)
+            step = {"site": step["site"], "action": action, "reason": "", "consumer": ""}
+        if set(step) != {"site", "action", "reason", "consumer"} or step["action"] not in set(FoldAction) or \
+                step["reason"] not in set(FoldReason) or not isinstance(step["consumer"], str):
+            raise bad(f"field 'folds' holds {str(step)[:80]}, not a fold step")
+        checked_folds.append(step)
+    state["folds"] = checked_folds
+
+    per = state.setdefault("equalizers", {})
+    if not isinstance(per, dict) or len(per) > len(sites):
+        raise bad("field 'equalizers' is not an object of at most one entry per site")
+    module_names = {s.replace(".", "_") for s in sites}
+    checked = {}
+    for name, fields_ in per.items():
+        if name not in module_names or not isinstance(fields_, dict):
+            raise bad(f"field 'equalizers' has an entry {name[:80]!r} that is not one of its sites")
+        if version == 1:
+            text = fields_.get("compensation", "")
+            fields_ = {"compensation": next((c for t, c in _V1_COMPENSATION.items() if str(text).startswith(t)),
+                                            Compensation.NONE),
+                       "folded": FoldAction.SCALE_FOLDED if str(fields_.get("folded", "")).startswith("scale into")
+                       else FoldAction.MOVED if fields_.get("folded") else FoldAction.NONE,
+                       "before_resize": fields_.get("before_resize", False)}
+        if set(fields_) != {"compensation", "folded", "before_resize"} or \
+                fields_["compensation"] not in set(Compensation) or fields_["folded"] not in set(FoldAction) or \
+                type(fields_["before_resize"]) is not bool:
+            raise bad(f"field 'equalizers' has an entry for {name!r} with other fields or values than "
+                      f"compensation, folded and before_resize")
+        checked[name] = fields_
+    state["equalizers"] = checked
+    state["version"] = VERSION
+    return state

@@ -1,0 +1,158 @@
+"""Small decoders defined in a source file (the runtime places calls by their source lines), for the composition,
+fold and file tests. Each docstring gives its sites."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Head(nn.Module):
+    """Two coarse levels upsampled and concatenated with the fine one into a 1x1 conv: 2 sites, in ``head``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.lat = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
+        self.fuse = nn.Conv2d(3 * c, 2, 1)
+
+    def forward(self, feats):
+        fine = self.lat[0](feats[0])
+        ups = [F.interpolate(self.lat[i](f), size=fine.shape[-2:], mode="bilinear") for i, f in
+               enumerate(feats[1:], 1)]
+        return self.fuse(torch.cat([fine, *ups], 1))
+
+
+class Small(nn.Module):
+    """A stem making three levels and a :class:`Head`: 2 sites, owned by ``head``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.ModuleList(nn.Conv2d(3, c, 3, stride=s, padding=1) for s in (2, 4, 8))
+        self.head = Head(c)
+
+    def forward(self, x):
+        return self.head([torch.relu(conv(x)) * (i + 1) for i, conv in enumerate(self.stem)])
+
+
+class RootOwner(nn.Module):
+    """The model's own forward makes the site call: 1 site, owned by the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.fuse = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        up = F.interpolate(self.a(x), size=x.shape[-2:], mode="bilinear")
+        return self.fuse(torch.cat([up, self.b(x)], 1))
+
+
+class Block(nn.Module):
+    """A recursive U-Net level, ``depth`` Blocks deep; each resizes its inner result and concatenates it with its
+    input: ``depth`` sites, one per Block."""
+
+    def __init__(self, depth, c=4):
+        super().__init__()
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.inner = Block(depth - 1, c) if depth > 1 else None
+        self.fuse = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.down(x))
+        if self.inner is not None:
+            h = self.inner(h)
+        up = F.interpolate(h, size=x.shape[-2:], mode="bilinear")
+        return self.fuse(torch.cat([x, up], 1))
+
+
+class Nested(nn.Module):
+    """Three Blocks inside each other: 3 sites (every Block concatenates its resized inner result)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = Block(3, c)
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+class SharedProj(nn.Module):
+    """``f0 + proj(u1) + proj(u2)``: one conv module serves two upsampled branches (2 sites, shared consumer)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.f0 = nn.Conv2d(3, c, 3, padding=1)
+        self.f1 = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.f2 = nn.Conv2d(3, c, 3, stride=4, padding=1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        u1 = F.interpolate(self.f1(x), size=size, mode="bilinear")
+        u2 = F.interpolate(self.f2(x), size=size, mode="bilinear")
+        return self.f0(x) + self.proj(u1) + self.proj(u2)
+
+
+class Helper(nn.Module):
+    """The site's resize sits in a helper method that ``forward`` may checkpoint: 1 site."""
+
+    def __init__(self, c=4, checkpointed=None):
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, c, 3, padding=1)
+        self.fuse = nn.Conv2d(2 * c, 2, 1)
+        self.checkpointed = checkpointed  # None, or use_reentrant
+
+    def body(self, x):
+        up = F.interpolate(self.a(x), size=x.shape[-2:], mode="bilinear")
+        return self.fuse(torch.cat([up, self.b(x)], 1))
+
+    def forward(self, x):
+        if self.training and self.checkpointed is not None:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.body, x, use_reentrant=self.checkpointed)
+        return self.body(x)
+
+
+FUSIONS = {
+    "cat": lambda a, b: torch.cat([a, b], 1), "concat": lambda a, b: torch.concat([a, b], 1),
+    "concatenate": lambda a, b: torch.concatenate([a, b], 1), "cat_kw": lambda a, b: torch.cat(tensors=[a, b], dim=1),
+    "stack": lambda a, b: torch.stack([a, b]).sum(0), "add": torch.add, "sub": torch.sub, "subtract": torch.subtract,
+    "plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "method_add": lambda a, b: a.add(b),
+    "method_sub": lambda a, b: a.sub(b), "method_subtract": lambda a, b: a.subtract(b),
+    "iadd": lambda a, b: a.__iadd__(b), "isub": lambda a, b: a.__isub__(b), "add_": lambda a, b: a.add_(b),
+    "sub_": lambda a, b: a.sub_(b),
+}
+
+
+class Spelled(nn.Module):
+    """One upsampled branch fused with a fine one by the fusion spelled ``FUSIONS[spelling]``: 1 site."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        up = F.interpolate(self.a(x), size=x.shape[-2:], mode="bilinear")
+        return FUSIONS[self.spelling](self.b(x), up) * 1.5
+
+
+class TwoPaths(nn.Module):
+    """Like MONAI's SegResNetVAE: in training the same upsampler runs a second time, on a path with no fusion."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, c, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        y = self.out(self.up(self.a(x)) + self.b(x))
+        if self.training:
+            return y, self.up(self.a(x) * 0.5)  # a reconstruction path: not fused
+        return y
