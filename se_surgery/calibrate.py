@@ -165,7 +165,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def check_data(data: Any) -> None:
     """A :class:`~se_surgery.UsageError` for calibration data that cannot be batches at all."""
-    if data is None or isinstance(data, (torch.Tensor, str, bytes, Mapping)) or not isinstance(data, Iterable):
+    if data is None or isinstance(data, (torch.Tensor, str, bytes, Mapping)) or \
+            not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise UsageError(f"calibration data must be an iterable of batches (a DataLoader, a list of tensors or of "
                          f"(image, label) pairs), got {type(data).__name__}; for one batch, pass [batch].")
 

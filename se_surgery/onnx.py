@@ -198,6 +198,10 @@ def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
         return session.run(None, feed)
     except Exception as error:  # onnxruntime raises its own exception types
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if what.startswith("the folded graph"):  # the unfolded graph ran on the same feed: the fold is at fault
+            raise OnnxError(f"onnxruntime cannot run {what} ({first[:300]}), while the unfolded export runs: "
+                            f"se_surgery's fold broke the graph at the op named there. Export with fold=False and "
+                            f"please report this with the model; {path} was not written.") from error
         raise OnnxError(f"onnxruntime cannot run {what} ({first[:300]}). {_hint(baked)}{path} was not "
                         f"written.") from error
 

@@ -173,7 +173,7 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
         graph.register_initializer(init)
         node = ir.Node("", op, [value, init], name=f"{name}_{op.lower()}")
         node.outputs[0].name = f"{name}_out"
-        node.outputs[0].type, node.outputs[0].shape = value.type, value.shape
+        node.outputs[0].type = value.type  # no shape: one taken from the example would pin dynamic dims
         added.append(node)
         value = node.outputs[0]
     if shared:
@@ -190,8 +190,16 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
 def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndarray, b: np.ndarray,
               site: str) -> Fold | None:
     out = chain[-1].outputs[0]
-    channels = _channels(resize.outputs[0]) or max(a.size, b.size)
-    rank = len(resize.outputs[0].shape) if resize.outputs[0].shape is not None else 4
+    target = _conv_consumer(out)
+    channels = _channels(resize.outputs[0]) or _channels(resize.inputs[0])
+    if channels is None and max(a.size, b.size) > 1:
+        channels = max(a.size, b.size)  # per-channel statistics give the count
+    if channels is None and target is not None and target[0].inputs[0] is out:
+        channels = _const(target[0].inputs[1]).shape[1]  # the conv reads this branch alone: its weight tells
+    if channels is None:
+        return None  # unknown channel count: leave this site alone rather than guess
+    shapes = [v.shape for v in (resize.outputs[0], resize.inputs[0]) if v.shape is not None]
+    rank = len(shapes[0]) if shapes else 4
     scale, shift = _per_channel(a, channels, rank), _per_channel(b, channels, rank)
     if scale is None or shift is None or np.any(scale == 0):
         return None
@@ -200,7 +208,6 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
         "linear", "nearest", "cubic") and (resize.attributes.get("coordinate_transformation_mode") is None or
                                            resize.attributes["coordinate_transformation_mode"].value
                                            != "tf_crop_and_resize")
-    target = _conv_consumer(out)
     if target is None and not commutes:
         return None
     # Drop the affine chain: its consumers now read the Resize output.
@@ -233,6 +240,10 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
 def fold_graph(model: ir.Model, sites: list | None = None) -> list[Fold]:
     """Fold every equalizer of an in-memory onnx-ir model (no check; see fold_onnx). ``sites``: the PyTorch sites
     of the exported model, to name each fold (matched by module path and source line, as the exporter records)."""
+    try:  # channel counts come from the shapes; a graph written without value_info has none yet
+        onnx_ir.passes.common.ShapeInferencePass()(model)
+    except Exception:  # noqa: BLE001 - inference is best effort: unknown counts leave sites alone
+        pass
     graph = model.graph
     folds = []
     starts = [(n, use.node) for n in graph if n.op_type == "Resize" for use in n.outputs[0].uses()]

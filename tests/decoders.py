@@ -156,3 +156,19 @@ class TwoPaths(nn.Module):
         if self.training:
             return y, self.up(self.a(x) * 0.5)  # a reconstruction path: not fused
         return y
+
+
+class Trilinear(nn.Module):
+    """3-D: two coarse levels upsampled trilinearly in a helper method and fused by a stack-sum: 2 sites."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Conv3d(1, c, 3, stride=s, padding=1) for s in (1, 2, 4))
+        self.out = nn.Conv3d(c, 2, 1)
+
+    def up(self, x, size):
+        return F.interpolate(x, size=size, mode="trilinear")
+
+    def forward(self, x):
+        f0, f1, f2 = (conv(x) for conv in self.levels)
+        return self.out(torch.stack([f0, self.up(f1, f0.shape[2:]), self.up(f2, f0.shape[2:])]).sum(0))

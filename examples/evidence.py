@@ -1,0 +1,354 @@
+"""Does equalizing help training? A paired sweep, resumable, on a CPU.
+
+Per configuration (model x optimizer x data) and seed, every arm starts from the same initial weights (and
+BatchNorm statistics), sees the same batches in the same order with the same flips, and is tested on the same
+scenes; only the equalizers differ. The paired difference (equalized - baseline) per seed is what is reported,
+with a 95% t interval over seeds.
+
+Models: smp PSPNet (pyramid pooling: concatenation; ``preserve_function`` is exact there) and smp UPerNet
+(concatenation + chained top-down additions), ResNet-18 encoders, random init (no ImageNet weights offline).
+Optimizers: SGD (momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9: mmsegmentation's ResNet recipe) and AdamW
+(weight decay 0.01, poly 1.0; lr 6e-4: the transformer recipe's 6e-5 scaled up tenfold for random init and a
+schedule a hundred times shorter). Arms: baseline, equalized (``se.equalize`` at the start), and for PSPNet
+preserve (baseline for the first third, then ``se.equalize(preserve_function=True)``, momentum kept).
+Data, 64 x 64 scenes: "shapes" (textured squares and discs, small or large, on clutter: 5 classes) and "digits"
+(scikit-learn's handwritten digits, real scans, pasted at 1x-4x scale onto clutter; label = digit class per inked
+pixel, 11 classes; train and test scenes use disjoint digit images).
+
+Every run appends one line to ``OUT/results.jsonl`` (model, optimizer, data, seed, arm, steps, miou, seconds,
+threads, the fusion conv's per-branch gradient RMS over training); a rerun skips what is there, so an interrupted
+sweep resumes. ``--report`` writes ``OUT/results.md``, ``OUT/evidence.png`` and README's evidence section.
+
+    python examples/evidence.py                      # the sweep (results.jsonl; time: README)
+    python examples/evidence.py --only PSPNet,sgd,shapes,3 --out /tmp/pair   # one pair again
+    python examples/evidence.py --report             # tables, plot, README section from results.jsonl
+    python examples/evidence.py --quick --out /tmp/q # the test suite's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import se_surgery as se
+
+MODELS = ("PSPNet", "UPerNet")
+OPTIMIZERS = ("sgd", "adamw")
+DATA = ("shapes", "digits")
+CLASSES = {"shapes": 5, "digits": 11}
+ROOT = Path(__file__).resolve().parent.parent
+# Student's t, two-sided 95%, by degrees of freedom
+T95 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                      2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                      2.052, 2.048, 2.045, 2.042], start=1))
+
+
+def arms(model: str) -> tuple[str, ...]:
+    return ("baseline", "equalized", "preserve") if model == "PSPNet" else ("baseline", "equalized")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _clutter(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    images = torch.randn(n, 3, size, size, generator=gen) * 0.5
+    return images + F.interpolate(torch.randn(n, 3, size // 8, size // 8, generator=gen), size=(size, size),
+                                  mode="bilinear") * 0.5
+
+
+def shapes(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Textured squares and discs, small or large: 5 classes (background + shape x size)."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    images, masks = _clutter(n, size, gen), torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
+            large, disc = (bool(torch.randint(0, 2, (1,), generator=gen)) for _ in range(2))
+            radius = size * (0.16 + 0.06 * float(torch.rand(1, generator=gen)) if large
+                             else 0.05 + 0.02 * float(torch.rand(1, generator=gen)))
+            cy, cx = (torch.rand(2, generator=gen) * size).tolist()
+            inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2) if disc else \
+                (((yy - cy).abs() < radius * 0.886) & ((xx - cx).abs() < radius * 0.886))
+            masks[i][inside] = 1 + 2 * int(disc) + int(large)
+            images[i, :, inside] += 1.0
+    return images, masks
+
+
+def digits(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes of scikit-learn's 8x8 handwritten digits pasted at 1x-4x onto clutter; label = class + 1 where inked.
+    ``split``: "train" uses digit images 0-1199, "test" the other 597."""
+    from sklearn.datasets import load_digits
+
+    found = load_digits()
+    pool = range(0, 1200) if split == "train" else range(1200, len(found.target))
+    glyphs = torch.tensor(found.images, dtype=torch.float32) / 16
+    gen = torch.Generator().manual_seed(seed)
+    images, masks = _clutter(n, size, gen), torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
+            k = pool[int(torch.randint(0, len(pool), (1,), generator=gen))]
+            scale = int(torch.randint(1, 5, (1,), generator=gen))
+            glyph = F.interpolate(glyphs[k][None, None], scale_factor=scale, mode="bilinear")[0, 0]
+            h = glyph.shape[0]
+            y, x = (int(v) for v in torch.randint(0, size - h + 1, (2,), generator=gen))
+            ink = glyph > 0.35
+            masks[i, y:y + h, x:x + h][ink] = int(found.target[k]) + 1
+            images[i, :, y:y + h, x:x + h] += 1.5 * glyph
+    return images, masks
+
+
+def dataset(name: str, args) -> tuple[tuple, tuple]:
+    if name == "shapes":
+        return shapes(args.train, args.size, 1000), shapes(args.test, args.size, 2000)
+    return digits(args.train, args.size, 1000, "train"), digits(args.test, args.size, 2000, "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+
+
+def build(model: str, classes: int) -> torch.nn.Module:
+    extra = {"decoder_channels": 64} if model == "UPerNet" else {}  # the decoder at the scale of the encoder
+    return getattr(smp, model)("resnet18", encoder_weights=None, classes=classes, **extra)
+
+
+def miou(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, classes: int) -> float:
+    model.eval()
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    with torch.no_grad():
+        for k in range(0, len(images), 32):
+            pred = model(images[k:k + 32]).argmax(1)
+            confusion += torch.bincount(masks[k:k + 32].flatten() * classes + pred.flatten(),
+                                        minlength=classes**2).view(classes, classes)
+    inter = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return (inter / union.clamp_min(1)).mean().item()
+
+
+def _optimizer(name: str, params, args):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4), 0.01, 0.9
+    return torch.optim.AdamW(params, lr=6e-4, weight_decay=0.01), 6e-4, 1.0
+
+
+def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
+    model_name, opt_name, data_name = config
+    classes = CLASSES[data_name]
+    (images, masks), test = data
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build(model_name, classes)
+    order = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, len(images), (args.batch,), generator=order) for _ in range(args.steps)]
+    flips = torch.rand(args.steps, generator=order) < 0.5
+    calibration = [images[b] for b in batches[:8]]
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of the data (random init has 0/1), the same for every arm
+        for x in calibration:
+            model(x)
+    if arm == "equalized":
+        model = se.equalize(model, (calibration[0],), calibration, progress=False)
+    slices = _fusion_slices(model, calibration)
+    switch = args.steps // 3 if arm == "preserve" else -1
+    optimizer, lr, power = _optimizer(opt_name, model.parameters(), args)
+    torch.manual_seed(seed + 10_000)  # dropout draws the same numbers in every arm
+    grads = []
+    for step, b in enumerate(batches):
+        if step == switch:
+            model = se.equalize(model, (calibration[0],), [images[bb] for bb in batches[step:step + 8]],
+                                preserve_function=True, progress=False)
+            state = optimizer.state_dict()  # same parameters in the same order: keep the momentum
+            optimizer, _, _ = _optimizer(opt_name, model.parameters(), args)
+            optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / args.steps) ** power
+        x, y = images[b], masks[b]
+        if flips[step]:
+            x, y = x.flip(-1), y.flip(-1)
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{config} seed {seed} {arm}: the loss diverged at step {step}")
+        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+            grads.append([step, {label: model.get_parameter(key).grad[:, sl].pow(2).mean().sqrt().item()
+                                 for label, (key, sl) in slices.items()}])
+        optimizer.step()
+    return {"model": model_name, "optimizer": opt_name, "data": data_name, "seed": seed, "arm": arm,
+            "steps": args.steps, "size": args.size, "miou": miou(model, *test, classes),
+            "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(), "grads": grads}
+
+
+def _fusion_slices(model, calibration) -> dict[str, tuple[str, slice]]:
+    """The last fusion conv's weight slice per branch (labels: the upsampling factor, or "fine")."""
+    report = se.scale_report(model, (calibration[0],), calibration[:1], progress=False)
+    last = report.rows[-1].fusion
+    return {(f"x{r.factor:.3g}" if r.factor else "fine"): (r.consumer, slice(*r.channels))
+            for r in report.rows if r.consumer and r.fusion == last}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep and its report
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def sweep(args) -> None:
+    path = args.out / "results.jsonl"
+    done = {(r["model"], r["optimizer"], r["data"], r["seed"], r["arm"]) for r in read(path)}
+    if args.only:
+        model, opt, data, seed = args.only.split(",")
+        plan = [((model, opt, data), int(seed))]
+    else:
+        plan = [((m, o, d), s) for s in range(args.seeds) for d in DATA for m in MODELS for o in OPTIMIZERS]
+    todo = [(c, s, a) for c, s in plan for a in arms(c[0]) if (*c, s, a) not in done]
+    if args.shard:  # K/N: this process takes every N-th run (run N of them side by side, one thread each)
+        k, n = (int(v) for v in args.shard.split("/"))
+        todo = todo[k::n]
+    cache: dict[str, tuple] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for config, seed, arm in tqdm(todo, desc="evidence runs"):
+        if config[2] not in cache:
+            cache[config[2]] = dataset(config[2], args)
+        result = run(config, seed, arm, args, cache[config[2]])
+        with path.open("a") as f:  # one line per run: an interrupted sweep resumes after the last one
+            f.write(json.dumps(result) + "\n")
+        tqdm.write(f"{'/'.join(config)} seed {seed} {arm}: mIoU {result['miou']:.4f} ({result['seconds']} s)")
+
+
+def paired(rows: list[dict], config: tuple, arm: str) -> tuple[list[float], list[float]]:
+    by = {(r["seed"], r["arm"]): r["miou"] for r in rows if (r["model"], r["optimizer"], r["data"]) == config}
+    seeds = sorted(s for s, a in by if a == arm and (s, "baseline") in by)
+    return [by[(s, arm)] - by[(s, "baseline")] for s in seeds], [by[(s, "baseline")] for s in seeds]
+
+
+def interval(diffs: list[float]) -> tuple[float, float]:
+    n = len(diffs)
+    if n < 2:
+        return statistics.mean(diffs), float("nan")
+    t = T95.get(n - 1, 2.0)
+    half = t * statistics.stdev(diffs) / math.sqrt(n)
+    return statistics.mean(diffs), half
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | optimizer | data | seeds | baseline mIoU | arm | arm mIoU | paired difference (95% CI) | "
+             "wins (arm / baseline / tie) |", "|---|---|---|---|---|---|---|---|---|"]
+    for config in sorted({(r["model"], r["optimizer"], r["data"]) for r in rows}):
+        for arm in arms(config[0])[1:]:
+            diffs, base = paired(rows, config, arm)
+            if not diffs:
+                continue
+            mean, half = interval(diffs)
+            wins = (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs))
+            lines.append(f"| {config[0]} | {config[1]} | {config[2]} | {len(diffs)} | {statistics.mean(base):.4f} | "
+                         f"{arm} | {statistics.mean(base) + mean:.4f} | {mean:+.4f} [{mean - half:+.4f}, "
+                         f"{mean + half:+.4f}] | {wins[0]} / {wins[1]} / {wins[2]} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({(r["model"], r["optimizer"], r["data"]) for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(configs) * 2 + 2.5),
+                                      gridspec_kw={"width_ratios": [1.2, 1]})
+    labels, y = [], 0
+    for config in configs:
+        for arm in arms(config[0])[1:]:
+            diffs, _ = paired(rows, config, arm)
+            if not diffs:
+                continue
+            mean, half = interval(diffs)
+            left.plot(diffs, [y] * len(diffs), "o", ms=3, alpha=0.5, color="tab:blue" if arm == "equalized"
+                      else "tab:green")
+            left.errorbar([mean], [y], xerr=[[half], [half]], fmt="D", color="black", capsize=4, ms=5)
+            labels.append(f"{'/'.join(config)}: {arm}")
+            y += 1
+    left.axvline(0, color="gray", lw=1)
+    left.set_yticks(range(len(labels)), labels, fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel("test mIoU, arm - baseline (dots: seeds; diamond: mean with 95% t interval)")
+    left.set_title("paired differences per configuration", fontsize=10)
+    sel = [r for r in rows if (r["model"], r["optimizer"], r["data"]) == ("PSPNet", "sgd", "shapes")]
+    for arm, style in (("baseline", "--"), ("equalized", "-")):
+        runs = [r for r in sel if r["arm"] == arm]
+        if not runs:
+            continue
+        steps = [s for s, _ in runs[0]["grads"]]
+        for label in runs[0]["grads"][0][1]:
+            mean = [statistics.mean(r["grads"][i][1][label] for r in runs) for i in range(len(steps))]
+            right.plot(steps, mean, style, label=f"{arm}: {label}")
+    right.set_yscale("log")
+    right.set_xlabel("training step")
+    right.set_ylabel("RMS gradient of the fusion conv's weight slice")
+    right.set_title("PSPNet / SGD / shapes: per-branch gradient scale (mean over seeds)", fontsize=10)
+    right.legend(fontsize=7, ncol=2)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    rows = read(args.out / "results.jsonl")
+    text = table(rows)
+    seconds = sum(r["seconds"] for r in rows)
+    summary = (f"{len(rows)} runs, {len({r['seed'] for r in rows})} seeds, {rows[0]['steps']} steps at "
+               f"{rows[0]['size']} px, batch {args.batch}; {seconds / 3600:.2f} h of run time "
+               f"({rows[0]['threads']} thread(s) per run)." if rows else "no runs yet.")
+    (args.out / "results.md").write_text(text + "\n\n" + summary + "\n")
+    if rows:
+        plot(rows, args.out / "evidence.png")
+    print(text, summary, sep="\n\n")
+    readme = ROOT / "README.md"
+    section = f"<!-- evidence:begin (examples/evidence.py --report writes this) -->\n{text}\n\n{summary}\n"
+    old = readme.read_text()
+    new = re.sub(r"<!-- evidence:begin.*?-->\n.*?(?=<!-- evidence:end -->)", lambda _: section, old, flags=re.S)
+    if new != old and args.out.resolve() == (ROOT / "docs" / "evidence").resolve():
+        readme.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--train", type=int, default=384)
+    parser.add_argument("--test", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", help="K/N: run every N-th pending run, starting at the K-th (0-based)")
+    parser.add_argument("--only", help="MODEL,OPTIMIZER,DATA,SEED: run that pair's arms")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "evidence")
+    parser.add_argument("--report", action="store_true", help="only write the tables, plot and README section")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 6 steps, 16 training scenes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.seeds, args.steps, args.size, args.train, args.test = 1, 6, 64, 16, 8
+    if not args.report:
+        sweep(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
