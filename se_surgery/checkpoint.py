@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,13 +81,15 @@ def example_from(recipe: dict, device: torch.device) -> tuple | dict:
     return tuple(tensors)
 
 
-def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True,
+def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, strict: bool = True,
             prefix: str | None = None) -> nn.Module:
     """Give an equalized model back from a checkpoint of one, bit for bit.
 
     Args:
         model: the model as its library builds it (e.g. ``Cls.from_pretrained(folder)``, ``smp.UPerNet(...)``),
-            without equalizers; it is edited in place.
+            without equalizers; it is edited in place. Or a class with ``from_pretrained`` (transformers, smp):
+            it builds the model from the ``save_pretrained`` folder ``source`` (told to expect the equalizers'
+            entries, so no unexpected-keys report), then restores it.
         source: a state_dict, a ``.pt``/``.bin``/``.safetensors``/``.ckpt`` file, a ``save_pretrained`` folder, or a
             file written by ``se-surgery equalize -o``. Checkpoints of training frameworks are read too: the
             equalized model's entries are found under their key prefix (Lightning's ``model.``, DDP's ``module.``,
@@ -98,6 +101,8 @@ def restore(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bo
     Returns:
         ``model``, equalized at the same sites as the saved one, with all saved weights and statistics loaded.
     """
+    if isinstance(model, type):
+        model = _from_pretrained(model, source)
     state = _model_entries(read_state_dict(source), source, prefix)
     recipe = decode(state[RECIPE_KEY], _name(source))
     if registry(model) is not None:
@@ -167,6 +172,39 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
         raise UsageError(f"{_name(source)} has no {prefix + RECIPE_KEY} entry: no equalized model under the prefix "
                          f"{prefix!r}.")
     return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
+_CLASS_LOCK = threading.Lock()
+
+
+def _from_pretrained(cls: type, source: Any) -> nn.Module:
+    """``cls.from_pretrained(source)`` for a class of transformers or smp, expecting the equalizers' entries."""
+    if not hasattr(cls, "from_pretrained") or not isinstance(source, (str, os.PathLike)) or \
+            not Path(source).is_dir():
+        raise UsageError(f"se_surgery.restore({cls.__name__}, ...) builds the model with {cls.__name__}."
+                         f"from_pretrained, which needs a class that has it and a save_pretrained folder; pass a "
+                         f"built model otherwise.")
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()  # noqa: N806
+    if PreTrainedModel and issubclass(cls, PreTrainedModel):
+        # transformers reads this class attribute when it builds the model; set it for this call only
+        with _CLASS_LOCK:
+            before = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+            cls._keys_to_ignore_on_load_unexpected = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None)
+                                                        or []), r"^scale_equalizers\."]
+            try:
+                return cls.from_pretrained(source)
+            finally:
+                if before is _UNSET:
+                    del cls._keys_to_ignore_on_load_unexpected
+                else:
+                    cls._keys_to_ignore_on_load_unexpected = before
+    return cls.from_pretrained(source, strict=False)  # huggingface_hub's mixin (smp): restore loads strictly
+
+
+_UNSET = object()
 
 
 def _transformers_folder(source: Any) -> bool:
