@@ -230,7 +230,7 @@ def _export(args: argparse.Namespace) -> int:
     example = _one(data[0])
     if not se.equalizers(model):
         model = se.equalize(model, example, data, progress=not args.quiet)
-    print(se.export_onnx(model, example, args.output, dynamic_spatial=not args.static))
+    print(se.export_onnx(model, example, args.output, dynamic_spatial=False if args.static else None))
     return 0
 
 

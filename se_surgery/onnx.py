@@ -114,7 +114,7 @@ def ir_copy(model):
 
 
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
-                dynamic_spatial: bool = True, dynamic_batch: bool = True,
+                dynamic_spatial: bool | None = None, dynamic_batch: bool = True,
                 check_inputs: list[ExampleInputs] | None = None, tolerance: float = 1e-5,
                 export_tolerance: float = 1e-3, fold: bool = True) -> FoldReport:
     """Export an equalized model to ONNX with its equalizers folded, checked by onnxruntime.
@@ -124,7 +124,10 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
         example_inputs: a tuple, dict or tensor; a batch of one is fine (the export runs on it repeated to two, so
             the batch stays dynamic).
         path: the file to write (self-contained, see :func:`fold_onnx`).
-        dynamic_spatial: dynamic height/width (and depth for 3-D, length for 1-D inputs).
+        dynamic_spatial: dynamic height/width (and depth for 3-D, length for 1-D inputs). ``None`` (default):
+            static where the model pools adaptively to fixed bins (PSP-style pyramids bake the size into the
+            graph), else dynamic, falling back once to static (with a note in the report) where the dynamic graph
+            fails its check at another size.
         dynamic_batch: a dynamic batch dimension.
         check_inputs: more inputs to check on.
         tolerance: the folded graph must match the unfolded one within this (the fold is exact up to rounding).
@@ -136,19 +139,54 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     dynamic), and on ``check_inputs``; errors are max abs differences relative to the output's max abs. Every
     failure is an :class:`OnnxError` that says why; nothing is written then.
     """
+    args, kwargs = split_inputs(example_inputs)
+    notes = []
+    if dynamic_spatial is None:
+        pooled = [name for name, m in model.named_modules() if isinstance(m, _ADAPTIVE) and
+                  any(size not in (1, None) for size in _tuple(m.output_size))]
+        if pooled:
+            notes.append(f"height/width are static: {', '.join(pooled[:4])}{' ...' if len(pooled) > 4 else ''} "
+                         f"pool(s) adaptively to fixed bins, which bakes the example's size into the graph")
+            dynamic_spatial = False
+        else:
+            try:
+                return _export(model, args, kwargs, example_inputs, path, True, dynamic_batch, check_inputs,
+                               tolerance, export_tolerance, fold, notes)
+            except _OtherSize as error:
+                notes.append(f"height/width are static: the dynamic export failed its check at another size "
+                             f"({str(error).split('. ')[0]})")
+                dynamic_spatial = False
+    return _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_batch, check_inputs,
+                   tolerance, export_tolerance, fold, notes)
+
+
+class _OtherSize(OnnxError):
+    """The dynamic graph (or the model itself) failed at a size other than the example's."""
+
+
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_batch, check_inputs, tolerance,
+            export_tolerance, fold, notes) -> FoldReport:
     from . import onnx_graph as g
 
-    args, kwargs = split_inputs(example_inputs)
     with eval_mode(model), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "unfolded.onnx"
         _torch_export(model, args, kwargs, raw, dynamic_spatial, dynamic_batch)
         unfolded, _ = g.load(raw)
+        g.name_dims(unfolded)
         folded = ir_copy(unfolded)
         report = FoldReport(folds=g.fold_graph(folded, [eq.site for eq in equalizers(model)]) if fold else [],
                             nodes_before=len(list(unfolded.graph)), nodes_after=len(list(folded.graph)),
                             path=os.fspath(path), export_error=0.0,
                             inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
-                                    for v in unfolded.graph.inputs})
+                                    for v in unfolded.graph.inputs}, notes=list(notes))
         first = unfolded.graph.inputs[0].shape
         batch = 3 if dynamic_batch and not isinstance(first[0], int) else None
         if dynamic_batch and batch is None:
@@ -163,8 +201,16 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
         before, after = g.session(unfolded), g.session(folded)
         for label, inputs in checks:
             c_args, c_kwargs = split_inputs(inputs)
-            expected = [t.detach().cpu().numpy() for t in tree_leaves(model(*c_args, **c_kwargs))
-                        if isinstance(t, torch.Tensor)]
+            try:
+                outputs = model(*c_args, **c_kwargs)
+            except Exception as error:  # the model's own error at another size
+                tensors = [t for t in (*c_args, *c_kwargs.values()) if isinstance(t, torch.Tensor)]
+                kind = _OtherSize if label.startswith("a random input") else OnnxError
+                raise kind(f"{type(model).__name__} itself cannot run on {label} {tuple(tensors[0].shape)} "
+                           f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). "
+                           f"Export with dynamic_spatial=False and/or dynamic_batch=False; {path} was not "
+                           f"written.") from error
+            expected = [t.detach().cpu().numpy() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
             tensors = [t for t in (*c_args, *c_kwargs.values()) if isinstance(t, torch.Tensor)]
             feed = {v.name: t.detach().cpu().numpy() for v, t in zip(unfolded.graph.inputs, tensors)}
             shape = tuple(tensors[0].shape)
@@ -172,8 +218,9 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
             reference = _run(before, feed, f"the unfolded export on {label} {shape}", path, baked)
             exported = _relative_error(reference[:len(expected)], expected)
             if not exported <= export_tolerance:
-                raise OnnxError(f"torch.onnx.export's graph (before folding) differs from PyTorch by {exported:.3g} "
-                                f"on {label} {shape}. {_hint(baked)}{path} was not written.")
+                kind = _OtherSize if baked else OnnxError
+                raise kind(f"torch.onnx.export's graph (before folding) differs from PyTorch by {exported:.3g} on "
+                           f"{label} {shape}. {_hint(baked)}{path} was not written.")
             error = _relative_error(_run(after, feed, f"the folded graph on {label} {shape}", path, baked), reference)
             if not error <= tolerance:
                 raise OnnxError(f"the folded graph differs from the unfolded one by {error:.3g} on {label} "
@@ -202,8 +249,8 @@ def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
             raise OnnxError(f"onnxruntime cannot run {what} ({first[:300]}), while the unfolded export runs: "
                             f"se_surgery's fold broke the graph at the op named there. Export with fold=False and "
                             f"please report this with the model; {path} was not written.") from error
-        raise OnnxError(f"onnxruntime cannot run {what} ({first[:300]}). {_hint(baked)}{path} was not "
-                        f"written.") from error
+        raise (_OtherSize if baked else OnnxError)(f"onnxruntime cannot run {what} ({first[:300]}). "
+                                                   f"{_hint(baked)}{path} was not written.") from error
 
 
 def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynamic_spatial: bool,

@@ -6,6 +6,7 @@ Imported only when an ONNX function is used, so ``import se_surgery`` needs torc
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -363,6 +364,34 @@ def load(path: str | os.PathLike) -> tuple[ir.Model, list[str]]:
         raise OnnxError(f"{path} is not a readable ONNX model with its data ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}).") from error
     return model, sorted(files)
+
+
+_DIM_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+def name_dims(model: ir.Model) -> None:
+    """Name the graph's dynamic input dims as people read them (``batch``, ``height``, ``width``; ``depth``,
+    ``length``) instead of the exporter's ``s77``, in every shape of the graph (onnxruntime's symbolic shape
+    inference, the first step of int8 quantization, needs the names to agree)."""
+    rename: dict[str, str] = {}
+    for value in model.graph.inputs:
+        if value.shape is None or len(value.shape) < 3:
+            continue
+        names = ("batch", None, *_DIM_NAMES.get(len(value.shape) - 2, ()))
+        for dim, name in zip(value.shape, names):
+            if name is not None and not isinstance(dim, int) and dim.value is not None:
+                rename.setdefault(dim.value, name if name not in rename.values() else f"{name}_{len(rename)}")
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(rename, key=len, reverse=True)) + r")\b")
+    values = [*model.graph.inputs, *model.graph.outputs, *(v for node in ir.traversal.RecursiveGraphIterator(
+        model.graph) for v in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [d if isinstance(d, int) or d.value is None else ir.SymbolicDim(pattern.sub(
+            lambda m: rename[m.group(1)], d.value)) for d in value.shape]
+        value.shape = ir.Shape(dims)
 
 
 def _constants(model: ir.Model):

@@ -172,3 +172,16 @@ class Trilinear(nn.Module):
     def forward(self, x):
         f0, f1, f2 = (conv(x) for conv in self.levels)
         return self.out(torch.stack([f0, self.up(f1, f0.shape[2:]), self.up(f2, f0.shape[2:])]).sum(0))
+
+
+class FixedSize(nn.Module):
+    """A decoder that runs at 32 px only (as some transformers models check their input size): 1 site."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = RootOwner()
+
+    def forward(self, x):
+        if x.shape[-1] != 32:
+            raise ValueError(f"input width {x.shape[-1]} is not the configured 32")
+        return self.inner(x)
