@@ -40,11 +40,10 @@ def test_a_model_that_cannot_run_at_another_size_falls_back_once_or_says_so(tmp_
 
 
 def test_segformer_export_names_its_dims_and_quantizes_to_int8(tmp_path):
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-    import onnxruntime as ort
 
     torch.manual_seed(0)
     model = SegformerForSemanticSegmentation(SegformerConfig(
