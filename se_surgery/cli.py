@@ -88,11 +88,17 @@ def load_model(spec: str):
     if kind == "torchvision":
         import torchvision.models.segmentation as tvs
 
-        return getattr(tvs, name)(weights=None, weights_backbone=None, **options)
+        build = _named(tvs, name, spec)
+        _check_keywords(build, options, spec)
+        return build(weights=None, weights_backbone=None, **options)
     if kind == "smp":
         import segmentation_models_pytorch as smp
+        from segmentation_models_pytorch.encoders import get_encoder
 
-        return getattr(smp, name)(**{"encoder_weights": None, **options})
+        build = _named(smp, name, spec)
+        if not str(options.get("encoder_name", "")).startswith("tu-"):  # smp drops other keywords silently
+            _check_keywords(build, options, spec, also=get_encoder)
+        return build(**{"encoder_weights": None, **options})
     if kind == "hf":
         from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
@@ -104,6 +110,28 @@ def load_model(spec: str):
         return getattr(module, name)(**options)
     raise ValueError(f"unknown model SPEC {spec!r}: use torchvision:NAME, smp:NAME?key=value, hf:PATH or "
                      f"file.py:factory")
+
+
+def _named(namespace, name: str, spec: str):
+    found = getattr(namespace, name, None)
+    if not callable(found):
+        raise ValueError(f"model SPEC {spec!r}: {namespace.__name__} has no model {name!r}.")
+    return found
+
+
+def _check_keywords(build, options: dict, spec: str, also=None) -> None:
+    """Refuse keywords the constructor does not take (instead of a model built without them)."""
+    import inspect
+
+    def named(fn) -> set[str]:
+        return {p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+
+    valid = named(build) | (named(also) - {"name", "weights", "depth"} if also is not None else set())
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"model SPEC {spec!r}: {getattr(build, '__name__', build)} takes no keyword "
+                         f"{', '.join(unknown)}; its keywords are {', '.join(sorted(valid))}.")
 
 
 def _literal(text: str):
@@ -270,6 +298,10 @@ def _inspect(args: argparse.Namespace) -> int:
     for title, report in reports:
         print(f"\n## {title}\n")
         print(report.to_markdown() if args.markdown else report)
+    grads = [r.grad_rms for _, report in reports for r in report.rows if r.grad_rms is not None]
+    if grads and not any(grads):
+        print("\nnote: every gradient is 0: the model has one output class (smp's default is classes=1), and the "
+              "cross-entropy of one class is constant. Pass classes=N in the model SPEC.")
     if args.plot:
         before = reports[0][1] if len(reports) == 2 else None
         print(f"\nplot: {reports[-1][1].plot(args.plot, before=before)}")

@@ -179,36 +179,62 @@ class ScaleReport:
         return text
 
     def plot(self, path: str | os.PathLike, before: ScaleReport | None = None) -> Path:
-        """Bars of the std entering each fusion and of the consumer's gradient RMS, per branch; with ``before``
-        (a report of the original model), before/after pairs. Written atomically (any matplotlib format)."""
+        """The branches of each fusion side by side, grouped by fusion: the std each arrives at, and its fusion
+        weight slice's gradient RMS relative to the largest of that fusion (what equalizing balances), with the
+        spread (max/min) written per fusion; with ``before`` (a report of the original model), before/after
+        pairs. Written atomically (any matplotlib format)."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        reports = [("before", before), ("after", self)] if before is not None else [(self.model, self)]
-        names = [r.branch for r in self.rows]
-        if before is not None:
-            names += [r.branch for r in before.rows if r.branch not in names]
-        labels = [_short(n, self.rows + (before.rows if before else [])) for n in names]
-        has_grad = any(r.grad_rms is not None for _, rep in reports for r in rep.rows)
-        panels = [("std entering the fusion", "std")] + ([("consumer weight-slice gradient RMS", "grad_rms")]
-                                                         if has_grad else [])
-        fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.55 * len(names) + 2), 3.2 * len(panels)),
-                                 squeeze=False)
+        reports = [("before", before), ("after", self)] if before is not None else [("as given", self)]
+        fusions = list(dict.fromkeys(r.fusion for _, rep in reports for r in rep.rows))
+        groups = [[n for n in dict.fromkeys(r.branch for _, rep in reports for r in rep.rows if r.fusion == f)]
+                  for f in fusions]
+        rows = {(label, r.branch): r for label, rep in reports for r in rep.rows}
+        positions, x = [], 0.0
+        for group in groups:
+            positions.append([x + i for i in range(len(group))])
+            x += len(group) + 1.0
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.6 * x + 2), 7.5), sharex=True)
         width = 0.8 / len(reports)
-        for ax, (title, attr) in zip(axes[:, 0], panels):
-            for k, (label, rep) in enumerate(reports):
-                by_name = {r.branch: r for r in rep.rows}
-                values = [getattr(by_name[n], attr) if n in by_name and getattr(by_name[n], attr) is not None
-                          else float("nan") for n in names]
-                ax.bar([i + (k - (len(reports) - 1) / 2) * width for i in range(len(names))], values, width,
-                       label=label)
-            ax.set_title(title)
-            ax.set_xticks(range(len(names)), labels, rotation=45, ha="right", fontsize=8)
+        colors = {"before": "tab:gray", "after": "tab:blue", "as given": "tab:blue"}
+        for k, (label, _) in enumerate(reports):
+            shift = (k - (len(reports) - 1) / 2) * width
+            for f, group, xs in zip(fusions, groups, positions):
+                found = [rows.get((label, n)) for n in group]
+                grads = [r.grad_rms for r in found if r is not None and r.grad_rms]
+                top.bar([p + shift for p in xs], [r.std if r else float("nan") for r in found], width,
+                        color=colors[label], label=label if f == fusions[0] else None)
+                if grads:
+                    bottom.bar([p + shift for p in xs], [r.grad_rms / max(grads) if r and r.grad_rms else
+                                                         float("nan") for r in found], width, color=colors[label])
+        for f, group, xs in zip(fusions, groups, positions):
+            owner, _, number = f.rpartition(".call")
+            top.text(sum(xs) / len(xs), 1.02, f"{owner or 'model'}\nfusion {number.split('fusion')[-1]}",
+                     transform=top.get_xaxis_transform(), ha="center", va="bottom", fontsize=7)
+            spreads = []
+            for label, _ in reports:
+                grads = [rows[(label, n)].grad_rms for n in group if (label, n) in rows and rows[(label, n)].grad_rms]
+                spreads.append(f"{max(grads) / min(grads):.2g}x" if len(grads) > 1 else None)
+            if all(s is None for s in spreads):
+                text = "addition:\nno weight slice\nper branch"
+            else:
+                text = "gradient spread\n" + " -> ".join(s or "-" for s in spreads)
+            bottom.text(sum(xs) / len(xs), 0.97, text, transform=bottom.get_xaxis_transform(), ha="center",
+                        va="top", fontsize=7)
+        ticks = [p for xs in positions for p in xs]
+        names = [_what(next(r for (_, b), r in rows.items() if b == n)) for group in groups for n in group]
+        bottom.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
+        top.set_ylabel("std entering the fusion")
+        bottom.set_ylabel("fusion weight-slice gradient RMS\n(relative to the fusion's largest)")
+        bottom.set_ylim(0, 1.35)
+        for ax in (top, bottom):
             ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend()
-        fig.suptitle(f"{self.model}: scales of the fused branches")
+        top.legend(loc="upper right", fontsize=8)
+        fig.suptitle(f"{self.model}: the branches each fusion receives. Upsampled branches arrive smaller; "
+                     f"equalized, every branch has std 1 and the gradient spread shrinks.", fontsize=9)
         fig.tight_layout()
         suffix = Path(path).suffix.lstrip(".") or "png"
         try:
@@ -217,17 +243,15 @@ class ScaleReport:
             plt.close(fig)
 
 
+def _what(row: BranchScale) -> str:
+    """A tick label that says what the branch is."""
+    return f"upsampled x{row.factor:.3g}" if row.factor else "not upsampled"
+
+
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
     return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else value
-
-
-def _short(branch: str, rows: list[BranchScale]) -> str:
-    """A tick label: the site's last three name parts, and its factor."""
-    row = next(r for r in rows if r.branch == branch)
-    tail = ".".join(branch.split(".")[-3:])
-    return f"{tail} (x{row.factor:.3g})" if row.factor else tail
 
 
 def _logits(output: Any) -> torch.Tensor:

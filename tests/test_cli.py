@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import se_surgery as se
 from se_surgery.cli import load_model, main
+
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
 
 
 def test_demo_prints_the_sites_table(capsys):

@@ -14,6 +14,8 @@ from zoo import BUILDERS, SITES, batches, build, call, inputs
 
 import se_surgery as se
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
+
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 EQUALIZED = sorted(n for n in BUILDERS if SITES[n])
 # torch.onnx.export bakes these to the traced size (adaptive pooling to fixed bins; fixed position embeddings),

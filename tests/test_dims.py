@@ -13,6 +13,8 @@ from zoo import warm_up
 import se_surgery as se
 from se_surgery.calibrate import RunningMoments
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
+
 
 class UNet1d(nn.Module):
     """An audio/time-series U-Net: two linear (1-D) upsamplings, each concatenated with a skip."""

@@ -3,12 +3,15 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from zoo import batches, build
 
 import se_surgery as se
+
+pytestmark = pytest.mark.slow  # subprocesses and zoo models: not in the fast tier
 
 
 def _free_port() -> int:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -13,6 +13,7 @@ from zoo import BUILDERS, batches, build, call, inputs
 
 import se_surgery as se
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
 TESTS = Path(__file__).parent
 RESTORE = """
 import sys, torch

@@ -10,6 +10,8 @@ from zoo import SITES, batches, build, call, inputs
 
 import se_surgery as se
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
+
 
 def _example(name):
     return inputs(name, torch.randn(2, 3, 128, 128))

@@ -57,6 +57,7 @@ def test_a_resize_that_happens_only_at_some_sizes_does_not_move_the_equalizer():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_dpt_depth_equalized_at_128_runs_at_144():
     from transformers import DPTConfig, DPTForDepthEstimation
 
@@ -140,6 +141,7 @@ def test_torch_compile_with_a_graph_break_inside_the_owner(backend):
         torch.testing.assert_close(compiled(x), expected)  # the second call runs the cached code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph_on_chained_sites_in_loops(backend):
     eq = se.equalize(build("smp_UPerNet"), (torch.randn(2, 3, 128, 128),), batches("smp_UPerNet"), progress=False)
@@ -236,6 +238,7 @@ def test_subtraction_is_a_fusion():
         torch.testing.assert_close(eq(fine, coarse), expected)
 
 
+@pytest.mark.slow
 def test_max_batches_reads_only_what_it_uses_from_an_endless_generator():
     pulled = []
 
@@ -335,6 +338,7 @@ def test_a_residual_of_the_upsampled_map_itself_is_not_a_fusion():
     assert se.find_sites(torch.export.export(Padder(), (torch.randn(1, 4, 5, 5),), strict=False)) == []
 
 
+@pytest.mark.slow
 def test_mobilevit_at_160_px():
     from transformers import MobileViTConfig, MobileViTForSemanticSegmentation
 
@@ -352,6 +356,7 @@ def test_mobilevit_at_160_px():
     assert [s.name for s in sites] == ["segmentation_head.aspp.convs.4.call0_resize0"]
 
 
+@pytest.mark.slow
 def test_import_needs_torch_alone_and_every_error_is_a_se_surgery_error(tmp_path):
     script = tmp_path / "no_onnx.py"
     script.write_text(

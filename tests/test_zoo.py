@@ -9,6 +9,8 @@ from zoo import BUILDERS, HF, SITES, batches, build, call, inputs
 import se_surgery as se
 from se_surgery.calibrate import RunningMoments
 
+pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
+
 
 def _equalized(name):
     model = build(name)
