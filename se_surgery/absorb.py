@@ -14,6 +14,7 @@ equalized model computes what the original did) and ``fold`` for deployment (``e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -48,21 +49,32 @@ def shift_absorbable(consumer: Consumer | None) -> bool:
     return consumer is not None and (consumer.bias is not None or consumer.batchnorm_mean is not None)
 
 
+def absorbed(weight: np.ndarray, channels: slice, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray,
+                                                                                             np.ndarray]:
+    """The arithmetic of the rule, shared by the PyTorch and the ONNX fold: for a conv weight ``(out, in, *k)``
+    whose input ``channels`` now see ``x_new`` where they saw ``scale * x_new + shift`` (per channel), the new
+    weight and the offset its bias must add (per output channel), in float64."""
+    w = np.array(weight, dtype=np.float64)
+    view = (1, -1) + (1,) * (w.ndim - 2)
+    offset = (w[:, channels] * np.asarray(shift, np.float64).reshape(view)).sum(axis=tuple(range(1, w.ndim)))
+    w[:, channels] = w[:, channels] * np.asarray(scale, np.float64).reshape(view)
+    return w, offset
+
+
 def absorb_input_affine(model: nn.Module, consumer: Consumer, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make ``consumer`` accept ``x_new`` where it used to see ``x_old = scale * x_new + shift`` on its slice.
     Call only where :func:`refusal` gives None."""
     weight = model.get_parameter(consumer.weight)
-    start, stop = consumer.channels
+    channels = slice(*consumer.channels)
+    count = channels.stop - channels.start
+    scale = scale.detach().double().cpu().reshape(-1).expand(count).numpy()
+    shift = shift.detach().double().cpu().reshape(-1).expand(count).numpy()
+    new, offset = absorbed(weight.detach().double().cpu().numpy(), channels, scale, shift)
     with torch.no_grad():
-        w = weight[:, start:stop].to(torch.float64)
-        scale = scale.to(torch.float64, copy=True).reshape(-1)
-        shift = shift.to(torch.float64, copy=True).reshape(-1)
-        view = (1, -1) + (1,) * (w.dim() - 2)
-        offset = (w * shift.view(view)).sum(dim=tuple(range(1, w.dim())))  # per output channel
-        weight[:, start:stop] = (w * scale.view(view)).to(weight.dtype)
+        weight.copy_(torch.from_numpy(new).to(weight.dtype))
         if consumer.bias is not None:
             bias = model.get_parameter(consumer.bias)
-            bias.add_(offset.to(bias.dtype))
+            bias.add_(torch.from_numpy(offset).to(bias))
         elif consumer.batchnorm_mean is not None:
             running_mean = model.get_buffer(consumer.batchnorm_mean)
-            running_mean.sub_(offset.to(running_mean.dtype))
+            running_mean.sub_(torch.from_numpy(offset).to(running_mean))

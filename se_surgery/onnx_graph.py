@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from .absorb import absorbed
 from .errors import OnnxError
 from .files import atomic_write
 
@@ -223,13 +224,12 @@ def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndar
     weight = _const(conv.inputs[1])
     bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else \
         np.zeros(weight.shape[0])
-    sl = slice(offset, offset + channels)
-    view = (1, -1) + (1,) * (weight.ndim - 2)
     padded = _padded(conv)
-    # The Conv now sees x where it saw a * x + b: weights scale by a; the shift (b, or b / a before the Resize).
-    if not padded:
-        bias = bias + (weight[:, sl] * shift.reshape(view)).sum(axis=tuple(range(1, weight.ndim)))
-    weight[:, sl] = weight[:, sl] * scale.reshape(view)
+    # The Conv now sees x where it saw a * x + b (absorb.py's rule): weights scale by a; the shift goes into the
+    # bias, or (zero-padded Conv) stays as b / a before the Resize.
+    weight, absorbed_shift = absorbed(weight, slice(offset, offset + channels), scale,
+                                      shift if not padded else np.zeros_like(shift))
+    bias = bias + absorbed_shift
     _set_initializer(graph, conv, 1, weight, _unique(graph, f"{conv.name}_se_weight"))
     _set_initializer(graph, conv, 2, bias, _unique(graph, f"{conv.name}_se_bias"))
     if not padded:
