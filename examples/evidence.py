@@ -215,7 +215,10 @@ def sweep(args) -> None:
         model, opt, data, seed = args.only.split(",")
         plan = [((model, opt, data), int(seed))]
     else:
-        plan = [((m, o, d), s) for s in range(args.seeds) for d in DATA for m in MODELS for o in OPTIMIZERS]
+        # PSPNet/SGD first (the configuration the seed count is chosen for), then the rest seed by seed
+        first = [(("PSPNet", "sgd", d), s) for s in range(args.seeds) for d in DATA]
+        plan = first + [((m, o, d), s) for s in range(args.seeds) for d in DATA for m in MODELS for o in OPTIMIZERS
+                        if ((m, o, d), s) not in first]
     todo = [(c, s, a) for c, s in plan for a in arms(c[0]) if (*c, s, a) not in done]
     if args.shard:  # K/N: this process takes every N-th run (run N of them side by side, one thread each)
         k, n = (int(v) for v in args.shard.split("/"))

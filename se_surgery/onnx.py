@@ -153,7 +153,8 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
                 return _export(model, args, kwargs, example_inputs, path, True, dynamic_batch, check_inputs,
                                tolerance, export_tolerance, fold, notes)
             except _OtherSize as error:
-                notes.append(f"height/width are static: the dynamic export failed its check at another size "
+                notes.append(f"height/width are static: the dynamic export failed "
+                             f"{'to export' if isinstance(error, _NoDynamicExport) else 'its check at another size'} "
                              f"({str(error).split('. ')[0]})")
                 dynamic_spatial = False
     return _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_batch, check_inputs,
@@ -162,6 +163,10 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
 
 class _OtherSize(OnnxError):
     """The dynamic graph (or the model itself) failed at a size other than the example's."""
+
+
+class _NoDynamicExport(_OtherSize):
+    """torch.onnx.export could not export the model with dynamic height/width."""
 
 
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -277,9 +282,10 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynam
         extra = (f" transformers models using {attention!r} attention often export only with eager attention: load "
                  f"the model with attn_implementation='eager' (from_pretrained or the config) and export again."
                  if attention not in (None, "eager") else "")
-        raise OnnxError(f"torch.onnx.export could not export {type(model).__name__} ({first[:300]}). This happens "
-                        f"without se_surgery too; try dynamic_spatial=False, or export the original model and "
-                        f"fold with se_surgery.fold first.{extra}") from error
+        kind = _NoDynamicExport if dynamic_spatial else OnnxError
+        raise kind(f"torch.onnx.export could not export {type(model).__name__} ({first[:300]}). This happens "
+                   f"without se_surgery too; try dynamic_spatial=False, or export the original model and fold with "
+                   f"se_surgery.fold first.{extra}") from error
     program.save(os.fspath(path))
 
 
