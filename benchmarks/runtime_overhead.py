@@ -33,7 +33,8 @@ def segresnet_3d():
 
 
 MODELS = {"smp UPerNet": lambda: build("smp_UPerNet"), "smp FPN": lambda: build("smp_FPN"),
-          "tv LR-ASPP": lambda: build("tv_lraspp"), "hf SegFormer-B0": segformer_b0, "MONAI SegResNet 3-D": segresnet_3d}
+          "tv LR-ASPP": lambda: build("tv_lraspp"), "hf SegFormer-B0": segformer_b0,
+          "MONAI SegResNet 3-D": segresnet_3d}
 
 
 def _inputs(name: str, size: int) -> tuple[tuple, dict]:
