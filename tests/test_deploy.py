@@ -95,8 +95,11 @@ def test_export_onnx_folds_exactly_and_costs_at_most_the_documented_minimum(name
 def test_export_detects_graphs_that_torch_onnx_bakes_to_one_size(tmp_path):
     eq = _equalized("smp_PSPNet")
     with pytest.raises(se.OnnxError, match="dynamic_spatial=False"):
-        se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "x.onnx")
+        se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "x.onnx", dynamic_spatial=True)
     assert not (tmp_path / "x.onnx").exists()
+    # the default decides by itself, and says why
+    report = se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "x.onnx")
+    assert any("static" in note and "adaptively" in note for note in report.notes)
 
 
 def test_export_errors_are_onnx_errors_that_say_why(tmp_path):
@@ -104,7 +107,7 @@ def test_export_errors_are_onnx_errors_that_say_why(tmp_path):
     # size, and the error says so (not a raw onnxruntime exception).
     eq = _equalized("hf_upernet_swin")
     with pytest.raises(se.OnnxError, match=r"onnxruntime cannot run .* baked a size .*dynamic_spatial=False"):
-        se.export_onnx(eq, {"pixel_values": torch.randn(2, 3, 128, 128)}, tmp_path / "x.onnx")
+        se.export_onnx(eq, {"pixel_values": torch.randn(2, 3, 128, 128)}, tmp_path / "x.onnx", dynamic_spatial=True)
     assert not (tmp_path / "x.onnx").exists()
 
 
