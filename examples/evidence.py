@@ -221,10 +221,11 @@ def sweep(args) -> None:
         plan = first + [((m, o, d), s) for s in range(args.seeds) for d in DATA for m in MODELS for o in OPTIMIZERS
                         if ((m, o, d), s) not in first]
         plan += [(("PSPNet", "sgd", "shapes"), s) for s in range(args.seeds, args.power_seeds)]
-    todo = [(c, s, a) for c, s in plan for a in arms(c[0]) if (*c, s, a) not in done]
-    if args.shard:  # K/N: this process takes every N-th run (run N of them side by side, one thread each)
+    runs = [(c, s, a) for c, s in plan for a in arms(c[0])]
+    if args.shard:  # K/N: every N-th run of the whole plan, whatever is done already (run N side by side)
         k, n = (int(v) for v in args.shard.split("/"))
-        todo = todo[k::n]
+        runs = runs[k::n]
+    todo = [(c, s, a) for c, s, a in runs if (*c, s, a) not in done]
     cache: dict[str, tuple] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     for config, seed, arm in tqdm(todo, desc="evidence runs"):
@@ -343,7 +344,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=384)
     parser.add_argument("--test", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shard", help="K/N: run every N-th pending run, starting at the K-th (0-based)")
+    parser.add_argument("--shard", help="K/N: run every N-th run of the plan, starting at the K-th (0-based)")
     parser.add_argument("--only", help="MODEL,OPTIMIZER,DATA,SEED: run that pair's arms")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "evidence")
     parser.add_argument("--report", action="store_true", help="only write the tables, plot and README section")
