@@ -355,3 +355,13 @@ def test_the_graph_pass_and_the_runtime_read_one_list_of_spellings():
     assert {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.subtract.Tensor,
             aten.subtract_.Tensor} == set(ops.ADDITIVE_OPS)
     assert ops.LIST_FUSION_FUNCS == {torch.cat, torch.concat, torch.concatenate, torch.stack}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_helper_method_raises_instead_of_giving_wrong_gradients(reentrant):
+    from decoders import Helper
+
+    eq = _eq(Helper(checkpointed=reentrant))
+    eq.train()
+    with pytest.raises(se.SiteMismatchError, match="was not met"):
+        eq(_data()[0]).square().mean().backward()
