@@ -289,7 +289,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
-    probe = copy.deepcopy(model)
+    probe = copy.deepcopy(model).eval()  # measured in eval mode: no training-mode capture needed
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,7 +309,6 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
 
     for eq in eqs:
         eq.register_forward_hook(watch)
-    probe.eval()
     weights = {eq.site.consumer.weight for eq in eqs if eq.site.consumer is not None}
     for name, param in probe.named_parameters():
         param.requires_grad_(name in weights)

@@ -3,7 +3,7 @@
 
 Everything here is data: no hooks, no modes (``runtime.py``), no graph pass (``find.py``). Records are enums, stored
 as their values in checkpoints; ``report.describe`` renders them as sentences. The recipe is untrusted input when
-it comes back from a file: :func:`decode` checks it against :data:`SCHEMA` before anything is built from it.
+it comes back from a file: :func:`decode` checks every field before anything is built from it.
 """
 
 from __future__ import annotations
