@@ -53,8 +53,21 @@ T95 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2
                       2.052, 2.048, 2.045, 2.042], start=1))
 
 
+# What each arm does (README: the evidence section). "preserve" needs an unpadded concat consumer: PSPNet only
+# (UPerNet's additions cannot keep the function, so there it would only be "equalized" started later).
+ARMS = {
+    "baseline": "no equalizer",
+    "equalized": "se.equalize at the start: the paper's placement and unit scale",
+    "preserve": "baseline for the first third, then se.equalize(preserve_function=True), momentum kept",
+    "all": "se.equalize(branches='all'): every input of each fusion standardized, the fine branch too",
+    "per_channel": "se.equalize(per_channel=True): one mean/std per channel",
+    "restore": "se.equalize(scale='restore'): each upsampled branch gets back the std it had before the resize",
+    "recalibrated": "equalized, then se.calibrate again after the first third (statistics of the trained backbone)",
+}
+
+
 def arms(model: str) -> tuple[str, ...]:
-    return ("baseline", "equalized", "preserve") if model == "PSPNet" else ("baseline", "equalized")
+    return tuple(a for a in ARMS if a != "preserve" or model == "PSPNet")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,14 +132,14 @@ def dataset(name: str, args) -> tuple[tuple, tuple]:
 # One run
 
 
-def build(model: str, classes: int) -> torch.nn.Module:
+def build(model: str, classes: int, encoder: str = "resnet18") -> torch.nn.Module:
     extra = {"decoder_channels": 64} if model == "UPerNet" else {}  # the decoder at the scale of the encoder
-    return getattr(smp, model)("resnet18", encoder_weights=None, classes=classes, **extra)
+    return getattr(smp, model)(encoder, encoder_weights=None, classes=classes, **extra)
 
 
 def miou(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, classes: int) -> float:
     model.eval()
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    confusion = torch.zeros(classes, classes, dtype=torch.long, device=images.device)
     with torch.no_grad():
         for k in range(0, len(images), 32):
             pred = model(images[k:k + 32]).argmax(1)
@@ -143,30 +156,37 @@ def _optimizer(name: str, params, args):
     return torch.optim.AdamW(params, lr=6e-4, weight_decay=0.01), 6e-4, 1.0
 
 
+EQUALIZE = {"equalized": {}, "recalibrated": {}, "all": {"branches": "all"}, "per_channel": {"per_channel": True},
+            "restore": {"scale": "restore"}}
+
+
 def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
     model_name, opt_name, data_name = config
     classes = CLASSES[data_name]
     (images, masks), test = data
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = build(model_name, classes)
+    model = build(model_name, classes, args.encoder).to(args.device)
     order = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, len(images), (args.batch,), generator=order) for _ in range(args.steps)]
     flips = torch.rand(args.steps, generator=order) < 0.5
+    images, masks = images.to(args.device), masks.to(args.device)
     calibration = [images[b] for b in batches[:8]]
     model.train()
     with torch.no_grad():  # BatchNorm statistics of the data (random init has 0/1), the same for every arm
         for x in calibration:
             model(x)
-    if arm == "equalized":
-        model = se.equalize(model, (calibration[0],), calibration, progress=False)
+    if arm in EQUALIZE:
+        model = se.equalize(model, (calibration[0],), calibration, progress=False, **EQUALIZE[arm])
     slices = _fusion_slices(model, calibration)
-    switch = args.steps // 3 if arm == "preserve" else -1
+    switch = args.steps // 3 if arm in ("preserve", "recalibrated") else -1
     optimizer, lr, power = _optimizer(opt_name, model.parameters(), args)
     torch.manual_seed(seed + 10_000)  # dropout draws the same numbers in every arm
     grads = []
     for step, b in enumerate(batches):
-        if step == switch:
+        if step == switch and arm == "recalibrated":
+            se.calibrate(model, [images[bb] for bb in batches[step:step + 8]], progress=False)
+        elif step == switch:
             model = se.equalize(model, (calibration[0],), [images[bb] for bb in batches[step:step + 8]],
                                 preserve_function=True, progress=False)
             state = optimizer.state_dict()  # same parameters in the same order: keep the momentum
@@ -184,12 +204,21 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{config} seed {seed} {arm}: the loss diverged at step {step}")
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            grads.append([step, {label: model.get_parameter(key).grad[:, sl].pow(2).mean().sqrt().item()
+            grads.append([step, {label: float(f"{model.get_parameter(key).grad[:, sl].pow(2).mean().sqrt():.3g}")
                                  for label, (key, sl) in slices.items()}])
         optimizer.step()
-    return {"model": model_name, "optimizer": opt_name, "data": data_name, "seed": seed, "arm": arm,
-            "steps": args.steps, "size": args.size, "miou": miou(model, *test, classes),
-            "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(), "grads": grads}
+    row = {"model": model_name, "optimizer": opt_name, "data": data_name, "seed": seed, "arm": arm,
+           "steps": args.steps, "size": args.size, "miou": round(miou(model, *(t.to(args.device) for t in test),
+                                                                        classes), 6),
+           "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(), "grads": grads,
+           "machine": f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"}
+    if args.preset != "cpu":  # rows of the CPU sweep keep the first sweep's fields
+        row.update(preset=args.preset, encoder=args.encoder, device=device_name(args.device))
+    return row
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def _fusion_slices(model, calibration) -> dict[str, tuple[str, slice]]:
@@ -208,20 +237,38 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def sweep(args) -> None:
-    path = args.out / "results.jsonl"
-    done = {(r["model"], r["optimizer"], r["data"], r["seed"], r["arm"]) for r in read(path)}
+def key(row: dict) -> tuple:
+    """A run's configuration and seed: model, optimizer, data, preset (rows of the first sweep are "cpu")."""
+    return row["model"], row["optimizer"], row["data"], row.get("preset", "cpu")
+
+
+def plan(args) -> list[tuple[tuple, int, str]]:
+    """The runs to make, in order: (configuration, seed, arm)."""
     if args.only:
         model, opt, data, seed = args.only.split(",")
-        plan = [((model, opt, data), int(seed))]
+        pairs = [((model, opt, data, args.preset), int(seed))]
+    elif args.preset == "gpu":
+        pairs = [(("PSPNet", "sgd", "shapes", "gpu"), s) for s in range(args.seeds)]
     else:
-        # PSPNet/SGD first, then the rest seed by seed, then more seeds for PSPNet/SGD/shapes (the configuration
-        # whose interval the seed count is chosen for: README gives the measured paired spread)
-        first = [(("PSPNet", "sgd", d), s) for s in range(args.seeds) for d in DATA]
-        plan = first + [((m, o, d), s) for s in range(args.seeds) for d in DATA for m in MODELS for o in OPTIMIZERS
-                        if ((m, o, d), s) not in first]
-        plan += [(("PSPNet", "sgd", "shapes"), s) for s in range(args.seeds, args.power_seeds)]
-    runs = [(c, s, a) for c, s in plan for a in arms(c[0])]
+        # PSPNet/SGD/shapes first (the configuration the README's interval is for), then the rest seed by seed,
+        # then more seeds for PSPNet/SGD/shapes (--power-arms only: the arms whose interval must be tight)
+        first = [(("PSPNet", "sgd", "shapes", "cpu"), s) for s in range(args.seeds)]
+        pairs = first + [((m, o, d, "cpu"), s) for s in range(args.seeds) for d in DATA for m in MODELS
+                         for o in OPTIMIZERS if ((m, o, d, "cpu"), s) not in first]
+    runs = [(c, s, a) for c, s in pairs for a in arms(c[0])]
+    if not args.only and args.preset == "cpu":
+        power = {"baseline", *args.power_arms.split(",")}
+        runs += [(("PSPNet", "sgd", "shapes", "cpu"), s, a) for s in range(args.seeds, args.power_seeds)
+                 for a in arms("PSPNet") if a in power]
+    if args.arms:
+        runs = [r for r in runs if r[2] in args.arms.split(",")]
+    return runs
+
+
+def sweep(args) -> None:
+    path = args.out / "results.jsonl"
+    done = {(*key(r), r["seed"], r["arm"]) for r in read(path)}
+    runs = plan(args)
     if args.shard:  # K/N: every N-th run of the whole plan, whatever is done already (run N side by side)
         k, n = (int(v) for v in args.shard.split("/"))
         runs = runs[k::n]
@@ -231,14 +278,14 @@ def sweep(args) -> None:
     for config, seed, arm in tqdm(todo, desc="evidence runs"):
         if config[2] not in cache:
             cache[config[2]] = dataset(config[2], args)
-        result = run(config, seed, arm, args, cache[config[2]])
+        result = run(config[:3], seed, arm, args, cache[config[2]])
         with path.open("a") as f:  # one line per run: an interrupted sweep resumes after the last one
             f.write(json.dumps(result) + "\n")
         tqdm.write(f"{'/'.join(config)} seed {seed} {arm}: mIoU {result['miou']:.4f} ({result['seconds']} s)")
 
 
 def paired(rows: list[dict], config: tuple, arm: str) -> tuple[list[float], list[float]]:
-    by = {(r["seed"], r["arm"]): r["miou"] for r in rows if (r["model"], r["optimizer"], r["data"]) == config}
+    by = {(r["seed"], r["arm"]): r["miou"] for r in rows if key(r) == config}
     seeds = sorted(s for s, a in by if a == arm and (s, "baseline") in by)
     return [by[(s, arm)] - by[(s, "baseline")] for s in seeds], [by[(s, "baseline")] for s in seeds]
 
@@ -253,74 +300,78 @@ def interval(diffs: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | optimizer | data | seeds | baseline mIoU | arm | arm mIoU | paired difference (95% CI) | "
-             "wins (arm / baseline / tie) |", "|---|---|---|---|---|---|---|---|---|"]
-    for config in sorted({(r["model"], r["optimizer"], r["data"]) for r in rows}):
+    lines = ["| model | optimizer | data | preset | seeds | baseline mIoU | arm | arm mIoU | paired difference "
+             "(95% CI) | wins (arm / baseline / tie) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for config in sorted({key(r) for r in rows}):
         for arm in arms(config[0])[1:]:
             diffs, base = paired(rows, config, arm)
             if not diffs:
                 continue
             mean, half = interval(diffs)
             wins = (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs))
-            lines.append(f"| {config[0]} | {config[1]} | {config[2]} | {len(diffs)} | {statistics.mean(base):.4f} | "
-                         f"{arm} | {statistics.mean(base) + mean:.4f} | {mean:+.4f} [{mean - half:+.4f}, "
-                         f"{mean + half:+.4f}] | {wins[0]} / {wins[1]} / {wins[2]} |")
+            lines.append(f"| {' | '.join(config)} | {len(diffs)} | {statistics.mean(base):.4f} | {arm} | "
+                         f"{statistics.mean(base) + mean:.4f} | {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] "
+                         f"| {wins[0]} / {wins[1]} / {wins[2]} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: every arm's paired differences per configuration. Right: one panel per arm, PSPNet/SGD/shapes: the
+    fusion conv's per-branch gradient RMS over training (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = sorted({(r["model"], r["optimizer"], r["data"]) for r in rows})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.55 * len(configs) * 2 + 2.5),
-                                      gridspec_kw={"width_ratios": [1.2, 1]})
-    labels, y = [], 0
-    for config in configs:
-        for arm in arms(config[0])[1:]:
-            diffs, _ = paired(rows, config, arm)
-            if not diffs:
-                continue
-            mean, half = interval(diffs)
-            left.plot(diffs, [y] * len(diffs), "o", ms=3, alpha=0.5, color="tab:blue" if arm == "equalized"
-                      else "tab:green")
-            left.errorbar([mean], [y], xerr=[[half], [half]], fmt="D", color="black", capsize=4, ms=5)
-            labels.append(f"{'/'.join(config)}: {arm}")
-            y += 1
+    configs = sorted({key(r) for r in rows})
+    entries = [(c, a) for c in configs for a in arms(c[0])[1:] if paired(rows, c, a)[0]]
+    panels = [a for a in ARMS if any(r["arm"] == a and key(r) == FOCUS for r in rows)]
+    fig = plt.figure(figsize=(16, max(6.0, 0.22 * len(entries) + 2)))
+    grid = fig.add_gridspec(max(1, (len(panels) + 1) // 2), 3, width_ratios=[1.3, 1, 1])
+    left = fig.add_subplot(grid[:, 0])
+    colors = {a: f"C{i}" for i, a in enumerate(ARMS)}
+    for y, (config, arm) in enumerate(entries):
+        diffs, _ = paired(rows, config, arm)
+        mean, half = interval(diffs)
+        left.plot(diffs, [y] * len(diffs), "o", ms=2.5, alpha=0.45, color=colors[arm])
+        left.errorbar([mean], [y], xerr=[[half], [half]], fmt="D", color="black", capsize=3, ms=4)
     left.axvline(0, color="gray", lw=1)
-    left.set_yticks(range(len(labels)), labels, fontsize=8)
+    left.set_yticks(range(len(entries)), [f"{'/'.join(c)}: {a}" for c, a in entries], fontsize=6)
     left.invert_yaxis()
-    left.set_xlabel("test mIoU, arm - baseline (dots: seeds; diamond: mean with 95% t interval)")
-    left.set_title("paired differences per configuration", fontsize=10)
-    sel = [r for r in rows if (r["model"], r["optimizer"], r["data"]) == ("PSPNet", "sgd", "shapes")]
-    for arm, style in (("baseline", "--"), ("equalized", "-")):
-        runs = [r for r in sel if r["arm"] == arm]
-        if not runs:
-            continue
+    left.set_xlabel("test mIoU, arm - baseline (dots: seeds; diamond: mean, 95% t interval)", fontsize=8)
+    left.set_title("paired differences per configuration and arm", fontsize=9)
+    shared = None
+    for i, arm in enumerate(panels):
+        ax = fig.add_subplot(grid[i // 2, 1 + i % 2], sharey=shared)
+        shared = shared or ax
+        runs = [r for r in rows if r["arm"] == arm and key(r) == FOCUS]
         steps = [s for s, _ in runs[0]["grads"]]
         for label in runs[0]["grads"][0][1]:
-            mean = [statistics.mean(r["grads"][i][1][label] for r in runs) for i in range(len(steps))]
-            right.plot(steps, mean, style, label=f"{arm}: {label}")
-    right.set_yscale("log")
-    right.set_xlabel("training step")
-    right.set_ylabel("RMS gradient of the fusion conv's weight slice")
-    right.set_title("PSPNet / SGD / shapes: per-branch gradient scale (mean over seeds)", fontsize=10)
-    right.legend(fontsize=7, ncol=2)
-    right.grid(alpha=0.3)
+            ax.plot(steps, [statistics.mean(r["grads"][k][1][label] for r in runs) for k in range(len(steps))],
+                    label=label)
+        ax.set_yscale("log")
+        ax.set_title(f"{arm} ({len(runs)} seeds)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=6, title="branch", title_fontsize=6)
+    fig.suptitle("right: PSPNet / SGD / shapes, RMS gradient of the fusion conv's weight slice per branch, by step",
+                 fontsize=9, x=0.66)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+FOCUS = ("PSPNet", "sgd", "shapes", "cpu")
 
 
 def report(args) -> None:
     rows = read(args.out / "results.jsonl")
     text = table(rows)
     seconds = sum(r["seconds"] for r in rows)
-    summary = (f"{len(rows)} runs, {len({r['seed'] for r in rows})} seeds, {rows[0]['steps']} steps at "
-               f"{rows[0]['size']} px, batch {args.batch}; {seconds / 3600:.2f} h of run time "
-               f"({rows[0]['threads']} thread(s) per run)." if rows else "no runs yet.")
+    summary = (f"{len(rows)} runs, up to {len({r['seed'] for r in rows})} seeds per configuration; CPU preset: "
+               f"{rows[0]['steps']} steps at {rows[0]['size']} px, batch {args.batch}, one thread per run; "
+               f"{seconds / 3600:.2f} h of run time." if rows else "no runs yet.")
     (args.out / "results.md").write_text(text + "\n\n" + summary + "\n")
     if rows:
         plot(rows, args.out / "evidence.png")
@@ -333,16 +384,29 @@ def report(args) -> None:
         readme.write_text(new)
 
 
+PRESETS = {  # what --preset sets (options given on the command line win)
+    "cpu": {"encoder": "resnet18", "steps": 400, "size": 64, "train": 384, "test": 128, "device": "cpu"},
+    # sized for about 8 minutes of one H200, seeds run side by side as shards (not run yet: README)
+    "gpu": {"encoder": "resnet50", "steps": 2000, "size": 256, "train": 1024, "test": 256, "device": "cuda",
+            "seeds": 4},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=12, help="seeds per configuration")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: the sweep; gpu: ResNet-50 at 256 px")
+    parser.add_argument("--seeds", type=int, help="seeds per configuration (12)")
     parser.add_argument("--power-seeds", type=int, default=40,
                         help="seeds for PSPNet/SGD/shapes (a paired std of 0.015 needs ~40 for a +-0.005 interval)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--power-arms", default="equalized,preserve", help="arms run to --power-seeds")
+    parser.add_argument("--arms", help="comma-separated: run only these arms")
+    parser.add_argument("--encoder", help="smp encoder (resnet18; gpu: resnet50)")
+    parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--size", type=int)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--train", type=int, default=384)
-    parser.add_argument("--test", type=int, default=128)
+    parser.add_argument("--train", type=int)
+    parser.add_argument("--test", type=int)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", help="K/N: run every N-th run of the plan, starting at the K-th (0-based)")
     parser.add_argument("--only", help="MODEL,OPTIMIZER,DATA,SEED: run that pair's arms")
@@ -350,7 +414,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write the tables, plot and README section")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 6 steps, 16 training scenes")
     args = parser.parse_args()
+    for name, value in {"seeds": 12, **PRESETS[args.preset]}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = False  # the same kernels in every arm of a pair
+        torch.backends.cudnn.deterministic = True
     if args.quick:
         args.seeds, args.power_seeds, args.steps, args.size, args.train, args.test = 1, 1, 6, 64, 16, 8
     if not args.report:

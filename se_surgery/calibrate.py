@@ -110,21 +110,35 @@ def collective_device() -> torch.device:
 
 
 class _Observer:
-    """Watches one equalizer's input during calibration; names the site when the data is bad."""
+    """Watches one equalizer's input (and, for ``scale="restore"``, its resize's input) during calibration; names
+    the site when the data is bad."""
 
-    def __init__(self, equalizer: ScaleEqualizer) -> None:
+    def __init__(self, equalizer: ScaleEqualizer, scale: str) -> None:
         self.equalizer = equalizer
         self.moments = RunningMoments()
+        self.source = RunningMoments() if scale == "restore" else None
         self.batch = 0
         self.bad_batch: int | None = None
 
-    def __call__(self, x: torch.Tensor) -> None:
-        if self.equalizer.per_channel:
-            self.moments.dims = tuple(d for d in range(x.dim()) if d != 1)
-        self.moments.update(x)
-        if self.bad_batch is None and not bool(torch.isfinite(self.moments.mean).all() &
-                                               torch.isfinite(self.moments.m2).all()):
-            self.bad_batch = self.batch  # NaN/Inf in the input reach the moments; no extra pass over x
+    def __call__(self, x: torch.Tensor, source: torch.Tensor | None) -> None:
+        watched = [(self.moments, x)] + ([(self.source, source)] if self.source is not None else [])
+        for moments, tensor in watched:
+            if self.equalizer.per_channel:
+                moments.dims = tuple(d for d in range(tensor.dim()) if d != 1)
+            moments.update(tensor)
+            if self.bad_batch is None and not bool(torch.isfinite(moments.mean).all() &
+                                                   torch.isfinite(moments.m2).all()):
+                self.bad_batch = self.batch  # NaN/Inf in the input reach the moments; no extra pass over x
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The equalizer's ``(mean, std)``: the input's (``scale="unit"``), or for ``"restore"`` the affine map
+        ``x -> mu + (x - mu) * sigma_source / sigma`` written as ``(x - mean) / std``."""
+        mean, std = _checked(self.equalizer, self.moments)
+        if self.source is None:
+            return mean, std
+        _, source_std = _checked(self.equalizer, self.source)
+        std = std / source_std
+        return mean * (1 - std), std
 
 
 def model_inputs(batch: Any, form: tuple[str, Any], index: int) -> tuple[tuple, dict]:
@@ -163,6 +177,20 @@ def _device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
+SCALES = ("unit", "restore")
+
+
+def check_scale(scale: str, eqs: list[ScaleEqualizer]) -> None:
+    """A :class:`~se_surgery.UsageError` for an unknown ``scale`` or ``"restore"`` where a site has no resize."""
+    if scale not in SCALES:
+        raise UsageError(f"scale={scale!r}: use one of {SCALES}.")
+    fused = [eq.name for eq in eqs if eq.site.kind != "upsample"]
+    if scale == "restore" and fused:
+        raise UsageError(f"scale='restore' gives an upsampled branch back its scale before the resize, but "
+                         f"{', '.join(fused[:3])} equalize fusion inputs that no resize made (branches='all'). "
+                         f"Use scale='unit' with branches='all', or equalize with branches='upsampled'.")
+
+
 def check_data(data: Any) -> None:
     """A :class:`~se_surgery.UsageError` for calibration data that cannot be batches at all."""
     if data is None or isinstance(data, (torch.Tensor, str, bytes, Mapping)) or \
@@ -191,9 +219,9 @@ def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, pr
 
 def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Iterable, *,
                     max_batches: int | None = None, progress: bool = True, desc: str = "calibrating",
-                    input_fn: InputFn | None = None) -> None:
+                    input_fn: InputFn | None = None, scale: str = "unit") -> None:
     """One pass over ``data``: measure the inputs of ``targets`` (acting as identity meanwhile), then freeze them."""
-    observers = [_Observer(eq) for eq in targets]
+    observers = [_Observer(eq, scale) for eq in targets]
     for eq, obs in zip(targets, observers):
         eq.observer = obs
     # Sites further downstream, not calibrated yet, pass their input through meanwhile.
@@ -225,11 +253,13 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                 f"site {eq.name}: NaN or Inf in its input on calibration batch {obs.bad_batch}. Check the "
                 f"calibration data and the layers before this site ({eq.site.where}).")
         obs.moments.all_reduce()
+        if obs.source is not None:
+            obs.source.all_reduce()
         if obs.moments.mean is None:
             raise CalibrationError(
                 f"site {eq.name} was never reached during calibration: the model took another path on the "
                 f"calibration data than on example_inputs.")
-        eq.set_statistics(*_checked(eq, obs.moments))
+        eq.set_statistics(*obs.statistics())
 
 
 def _checked(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,12 +286,12 @@ def _checked(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor,
     return mean.to(eq.mean.dtype), std.to(eq.std.dtype)
 
 
-def _ignore(_x: torch.Tensor) -> None:
+def _ignore(_x: torch.Tensor, _source: torch.Tensor | None) -> None:
     pass
 
 
 def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None, progress: bool = True,
-              input_fn: InputFn | None = None) -> nn.Module:
+              input_fn: InputFn | None = None, scale: str = "unit") -> nn.Module:
     """(Re)measure every equalizer of an equalized model on ``data``, level by level; returns the model.
 
     Args:
@@ -272,6 +302,10 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
         max_batches: use at most this many batches (per level); the rest of ``data`` is never read.
         progress: show tqdm progress bars.
         input_fn: turns one batch into the model's inputs (a tensor, a tuple or a dict) where the rule does not fit.
+        scale: ``"unit"`` (the paper's): every equalized branch leaves with mean 0 and std 1. ``"restore"``: each
+            upsampled branch keeps its mean and gets back the std its map had before the upsampling (``x -> mu +
+            (x - mu) * sigma_before / sigma``), so it enters the fusion on the scale of the branches that were not
+            upsampled instead of above them. Only for ``branches="upsampled"`` models.
 
     Runs under ``torch.no_grad()`` in eval mode on the model's device, and restores the model's modes.
     """
@@ -284,20 +318,22 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
         raise UsageError(f"{', '.join(folded)} were folded into the model's weights by se_surgery.fold; "
                          f"recalibrating them would change what the folded model computes. Calibrate the equalized "
                          f"model before folding, then fold again.")
-    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn)
+    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn, scale=scale)
     return model
 
 
 def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, max_batches: int | None,
-               progress: bool, input_fn: InputFn | None, after_level: Callable | None = None) -> None:
+               progress: bool, input_fn: InputFn | None, scale: str = "unit",
+               after_level: Callable | None = None) -> None:
     """Calibrate ``eqs`` level by level, one pass over ``data`` per level."""
+    check_scale(scale, eqs)
     levels = sorted({eq.site.level for eq in eqs})
     if len(levels) > 1 and isinstance(data, Iterator):
         data = _Replay(data)
     for level in levels:
         targets = [eq for eq in eqs if eq.site.level == level]
         calibrate_level(model, targets, data, max_batches=max_batches, progress=progress,
-                        desc=f"calibrating level {level}", input_fn=input_fn)
+                        desc=f"calibrating level {level}", input_fn=input_fn, scale=scale)
         if after_level is not None:
             after_level(targets)
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
-from .calibrate import InputFn, check_data, run_levels
+from .calibrate import InputFn, check_data, check_scale, run_levels
 from .capture import ExampleInputs, capture, default_example, split_inputs
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
@@ -28,6 +28,7 @@ def equalize(
     *,
     per_channel: bool = False,
     branches: str = "upsampled",
+    scale: str = "unit",
     preserve_function: bool = False,
     inplace: bool = False,
     max_batches: int | None = None,
@@ -46,6 +47,8 @@ def equalize(
             the equalizers uncalibrated, and the model refuses to run until ``se_surgery.calibrate`` is called.
         per_channel: one mean/std per channel instead of the paper's single scalar pair.
         branches: ``"upsampled"`` (the paper's placement) or ``"all"`` (every input of those fusions).
+        scale: ``"unit"`` (the paper's: mean 0, std 1) or ``"restore"`` (each upsampled branch gets back the std
+            its map had before the resize; see :func:`se_surgery.calibrate`).
         preserve_function: let each site's consumer absorb the statistics so the model computes what it did before.
         inplace: edit ``model`` itself instead of a deep copy.
         max_batches: calibrate on at most this many batches per level.
@@ -57,6 +60,10 @@ def equalize(
     """
     if preserve_function and calibration_data is None:
         raise UsageError("preserve_function=True needs calibration_data: the compensation uses the statistics.")
+    check_scale(scale, [])
+    if scale != "unit" and calibration_data is None:
+        raise UsageError(f"scale={scale!r} is what calibration measures: pass calibration_data, or equalize without "
+                         f"it and call se_surgery.calibrate(model, data, scale={scale!r}).")
     if example_inputs is None:
         example_inputs = default_example(model)
         shown = {k: tuple(v.shape) for k, v in example_inputs.items()} if isinstance(example_inputs, dict) \
@@ -103,6 +110,7 @@ def equalize(
     check_data(calibration_data)
     reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
     run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
+               scale=scale,
                after_level=(lambda eqs: [_compensate(target, eq) for eq in eqs]) if preserve_function else None)
     if preserve_function:
         _report_change(target, reference, args, kwargs)
@@ -130,7 +138,7 @@ def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None
     """Run the example once and check that every new equalizer saw exactly the tensor the graph promised."""
     seen: dict[int, list[tuple[int, ...]]] = {id(eq): [] for eq in added}
     for eq in added:
-        eq.observer = lambda x, eq=eq: seen[id(eq)].append(tuple(x.shape))
+        eq.observer = lambda x, _source, eq=eq: seen[id(eq)].append(tuple(x.shape))
     try:
         with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)

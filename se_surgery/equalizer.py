@@ -36,7 +36,7 @@ class ScaleEqualizer(nn.Module):
         self.register_buffer("std", torch.ones(shape, dtype=dtype, device=device))
         self.register_buffer("calibrated", torch.tensor(False, device=device))
         self.is_calibrated = False   # mirror of the buffer, read in forward without a device sync
-        self.observer: Callable[[torch.Tensor], None] | None = None
+        self.observer: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
         self.compensation = Compensation.NONE  # what preserve_function did at this site (see equalize.py)
         self.folded = FoldAction.NONE          # what fold() did here; folded statistics stay frozen
         self.before_resize = False   # fold() moved it onto its resize's input (exact: resizing commutes with it)
@@ -56,9 +56,11 @@ class ScaleEqualizer(nn.Module):
         value = value.to(x.dtype)
         return value.view(-1, *([1] * (x.dim() - 2))) if self.per_channel else value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Equalize ``x``; ``source`` (the resize's input, given by the runtime at resize sites) is only watched
+        during calibration, for ``scale="restore"``."""
         if self.observer is not None:  # calibration: watch the input, pass it on unchanged
-            self.observer(x)
+            self.observer(x, source)
             return x
         if not self.is_calibrated:
             raise NotCalibratedError(

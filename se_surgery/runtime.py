@@ -155,7 +155,7 @@ class _OwnerMode(TorchFunctionMode):
                 return func(x, *args[1:], **kwargs)
             if equalizer.before_resize:
                 return func(equalizer(x), *args[1:], **kwargs)
-            return equalizer(func(x, *args[1:], **kwargs))
+            return equalizer(func(x, *args[1:], **kwargs), x)
         return self._fusion(func, args, kwargs, targets)
 
     def _fusion(self, func, args, kwargs, targets: dict[int, str]):

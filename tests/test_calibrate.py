@@ -1,0 +1,57 @@
+"""Calibration's target scale: the paper's unit scale, and ``scale="restore"`` (the scale before the upsampling)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from decoders import Small
+
+import se_surgery as se
+
+
+def _data(n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(n)]
+
+
+def _branches(model, data):
+    """Per site (in order): the concatenated upsampled branch and the map it was upsampled from, over ``data``."""
+    before, after = {1: [], 2: []}, {1: [], 2: []}
+    with torch.no_grad():
+        for x in data:
+            feats = [torch.relu(conv(x)) * (i + 1) for i, conv in enumerate(model.stem)]
+            fine = model.head.lat[0](feats[0])
+            for i in (1, 2):
+                coarse = model.head.lat[i](feats[i])
+                before[i].append(coarse)
+                after[i].append(F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear"))
+    return [(torch.cat(after[i]), torch.cat(before[i])) for i in (1, 2)]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_restore_gives_each_upsampled_branch_its_scale_before_the_resize(per_channel):
+    torch.manual_seed(0)
+    model, data = Small(), _data()
+    eq = se.equalize(model, (data[0],), data, scale="restore", per_channel=per_channel, progress=False)
+    dims = (0, 2, 3) if per_channel else None
+    for equalizer, (up, source) in zip(se.equalizers(eq), _branches(model, data)):
+        out = equalizer(up)
+        mean = up.mean(dims) if dims else up.mean()
+        std = (out.std(dims, correction=0) if dims else out.std(correction=0))
+        want = source.std(dims, correction=0) if dims else source.std(correction=0)
+        torch.testing.assert_close(std, want, rtol=1e-4, atol=1e-6)  # the std the resize took away, given back
+        torch.testing.assert_close(out.mean(dims) if dims else out.mean(), mean, rtol=1e-4, atol=1e-5)
+        assert bool(((up.std(dims, correction=0) if dims else up.std(correction=0)) < want).all())  # it shrank
+    # The default standardizes; recalibrating with another scale switches the statistics.
+    unit = se.calibrate(eq, data, scale="unit", progress=False)
+    for equalizer, (up, _) in zip(se.equalizers(unit), _branches(model, data)):
+        assert equalizer(up).std(correction=0).item() == pytest.approx(1, rel=1e-4)
+
+
+def test_restore_is_refused_where_it_has_no_meaning():
+    model, data = Small(), _data()
+    with pytest.raises(se.UsageError, match="branches='all'"):
+        se.equalize(model, (data[0],), data, scale="restore", branches="all", progress=False)
+    with pytest.raises(se.UsageError, match="pass calibration_data"):
+        se.equalize(model, (data[0],), scale="restore", progress=False)
+    with pytest.raises(se.UsageError, match="use one of"):
+        se.calibrate(se.equalize(model, (data[0],), progress=False), data, scale="fine", progress=False)
