@@ -1,6 +1,8 @@
-"""Issue 15: the evidence sweep runs as a user reruns it: resumable, one pair again with --only, reproducible."""
+"""The evidence sweep runs as a user reruns it: resumable, one pair again with --only, bit-identical within one
+machine, and within the stated spread on any other (README: "Reproducibility")."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "evidence.py"
+# README: a rerun elsewhere lies within this many seed-to-seed standard deviations of the recorded pair
+SPREADS = 4
 
 
 def _run(*args):
@@ -21,22 +25,35 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_quick_pair_resumes_and_reports(tmp_path):
-    _run("--quick", "--only", "PSPNet,sgd,digits,0", "--out", str(tmp_path))
-    rows = _rows(tmp_path / "results.jsonl")
-    assert [r["arm"] for r in rows] == ["baseline", "equalized", "preserve"]
+def test_quick_pair_resumes_reports_and_reruns_bit_for_bit(tmp_path):
+    _run("--quick", "--only", "PSPNet,sgd,digits,0", "--out", str(tmp_path / "a"))
+    rows = _rows(tmp_path / "a" / "results.jsonl")
+    assert [r["arm"] for r in rows] == ["baseline", "equalized", "preserve", "all", "per_channel", "restore",
+                                        "recalibrated"]
     assert all(0 <= r["miou"] <= 1 and r["grads"] for r in rows)
-    out = _run("--quick", "--only", "PSPNet,sgd,digits,0", "--out", str(tmp_path))  # nothing left to do
-    assert len(_rows(tmp_path / "results.jsonl")) == 3
-    assert "| PSPNet | sgd | digits | 1 |" in out and (tmp_path / "evidence.png").exists()
+    out = _run("--quick", "--only", "PSPNet,sgd,digits,0", "--out", str(tmp_path / "a"))  # nothing left to do
+    assert len(_rows(tmp_path / "a" / "results.jsonl")) == 7
+    assert "| PSPNet | sgd | digits | cpu | 1 |" in out and (tmp_path / "a" / "evidence.png").exists()
+    # Another process on this machine: the same numbers, bit for bit (one thread, seeded data order and init).
+    _run("--quick", "--only", "PSPNet,sgd,digits,0", "--arms", "baseline,equalized,restore", "--out",
+         str(tmp_path / "b"))
+    again = {r["arm"]: r for r in _rows(tmp_path / "b" / "results.jsonl")}
+    for r in rows:
+        if r["arm"] in again:
+            assert (again[r["arm"]]["miou"], again[r["arm"]]["grads"]) == (r["miou"], r["grads"]), r["arm"]
 
 
 @pytest.mark.slow
-def test_a_recorded_pair_reproduces(tmp_path):
+def test_a_recorded_pair_reruns_within_the_stated_spread(tmp_path):
+    config = ("PSPNet", "adamw", "digits")
     recorded = [r for r in _rows(ROOT / "docs" / "evidence" / "results.jsonl")
-                if (r["model"], r["optimizer"], r["data"], r["seed"]) == ("PSPNet", "sgd", "shapes", 0)]
-    assert recorded
-    _run("--only", "PSPNet,sgd,shapes,0", "--out", str(tmp_path))
+                if (r["model"], r["optimizer"], r["data"]) == config and "preset" not in r]
+    by = {(r["seed"], r["arm"]): r["miou"] for r in recorded}
+    seeds = sorted(s for s, a in by if a == "equalized" and (s, "baseline") in by)
+    assert len(seeds) >= 12
+    base = [by[(s, "baseline")] for s in seeds]
+    diffs = [by[(s, "equalized")] - by[(s, "baseline")] for s in seeds]
+    _run("--only", ",".join(config) + ",0", "--arms", "baseline,equalized", "--out", str(tmp_path))
     again = {r["arm"]: r["miou"] for r in _rows(tmp_path / "results.jsonl")}
-    for r in recorded:
-        assert abs(again[r["arm"]] - r["miou"]) <= 1e-3, (r["arm"], r["miou"], again[r["arm"]])
+    assert abs(again["baseline"] - by[(0, "baseline")]) <= SPREADS * statistics.stdev(base)
+    assert abs(again["equalized"] - again["baseline"] - statistics.mean(diffs)) <= SPREADS * statistics.stdev(diffs)
