@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, UsageError
 from .modes import eval_mode
-from .runtime import equalizers, registry
+from .runtime import equalizers, reattach, registry
 
 InputFn = Callable[[Any], Any]
 # A branch whose std is below this fraction of its RMS carries only rounding noise: equalizing would amplify it.
@@ -313,6 +313,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     if not eqs:
         raise UsageError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")
     check_data(data)
+    reattach(model)  # a replaced owner module gets its equalizers back, to be measured again below
     folded = [eq.name for eq in eqs if eq.folded]
     if folded:
         raise UsageError(f"{', '.join(folded)} were folded into the model's weights by se_surgery.fold; "

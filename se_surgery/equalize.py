@@ -17,7 +17,8 @@ from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
 from .find import explain, find_sites, module_calls
 from .modes import copy_model, eval_mode
-from .runtime import attach, bypassed, equalizers
+from .runtime import attach, bypassed, equalizers, reattach
+from .site import Site
 from .state import Compensation, registry
 
 
@@ -80,17 +81,19 @@ def equalize(
     target = model if inplace else copy_model(model)
     with bypassed():
         program = capture(target, example_inputs)
-    sites = find_sites(program, branches=branches)
+    sites = _in_tree(target, find_sites(program, branches=branches))
     if not sites:
         warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
                       f"({explain(program)}); the model is returned unchanged.", stacklevel=2)
         return target
+    renewed = reattach(target)  # an equalized model whose owner module was replaced: equalize the new module
     added = attach(target, sites, per_channel=per_channel, train_calls=_training_calls(target, example_inputs,
                                                                                        program))
-    if not added:
+    if not added and not renewed:
         warnings.warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
                       f"nothing added.", stacklevel=2)
         return target
+    added += renewed
     reg = registry(target)
     reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
     tensors = [*args, *kwargs.values()]
@@ -117,14 +120,31 @@ def equalize(
     return target
 
 
+def _in_tree(model: nn.Module, sites: list[Site]) -> list[Site]:
+    """The sites that the graph places in their owner's own ``forward``. A call that the graph gives to an owner
+    but whose source line is in another class's ``forward`` comes from a module outside the model's tree (a model
+    kept in a global or a plain attribute, called from the forward): no hook can reach it, so it is left out, with
+    a warning."""
+    kept, outside = [], []
+    for site in sites:
+        function = site.source.rpartition("+")[0]
+        own = getattr(type(model.get_submodule(site.owner)).forward, "__qualname__", "")
+        (outside if function and function != own else kept).append(site)
+    if outside:
+        where = outside[0].source.rpartition("+")[0]
+        warnings.warn(f"se_surgery: {', '.join(s.name for s in outside)} come from {where}, a module outside "
+                      f"{type(model).__name__}'s module tree (called from its forward); they are not equalized. Make "
+                      f"that module a submodule to equalize it.", stacklevel=3)
+    return kept
+
+
 def _training_calls(model: nn.Module, example_inputs: ExampleInputs, program) -> dict[str, int]:
     """Owners that the training-mode forward calls more often than the eval-mode graph (a path taken only in
     training, e.g. MONAI SegResNetVAE's reconstruction through the decoder's upsamplers), with that count.
 
-    Only modules of the eval graph count; if the training forward cannot be captured, none are known, and such a
-    call raises at run time instead of being guessed."""
-    if not any(m.training for m in model.modules()):
-        return {}
+    Captured whatever mode the model is in (a pretrained model is often equalized after ``.eval()`` and trained
+    later). Only modules of the eval graph count; if the training forward cannot be captured, none are known, and
+    such a call raises at run time instead of being guessed."""
     try:
         with bypassed(), torch.random.fork_rng():
             train_program = capture(model, example_inputs, training=True)

@@ -52,6 +52,13 @@ class ScaleEqualizer(nn.Module):
         self.calibrated.fill_(True)
         self.is_calibrated = True
 
+    def reset(self) -> None:
+        """Back to uncalibrated (mean 0, std 1): the model refuses to run until calibrated again."""
+        self.mean.zero_()
+        self.std.fill_(1)
+        self.calibrated.fill_(False)
+        self.is_calibrated = False
+
     def _shaped(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         value = value.to(x.dtype)
         return value.view(-1, *([1] * (x.dim() - 2))) if self.per_channel else value

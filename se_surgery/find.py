@@ -7,8 +7,9 @@ The rule (README "Which upsamplings are sites" gives the reasons):
   output reaches a *fusion* through ops that are linear in it;
 * a fusion is a concatenation (``cat``, ``stack``) or an addition/subtraction of two data-dependent tensors that do
   not both come from the same upsampled map (``h + f(h)``, a residual, is not a fusion of two levels);
-* linear ops carry the branch on: conv/linear (in their input), shape and copy ops, dropout, scalar or elementwise
-  scaling, other resizes and average pooling, residual additions. Anything else (activations, normalization
+* linear ops carry the branch on: conv/linear (in their input), shape and copy ops, dropout, scaling by a constant
+  or a weight, other resizes and average pooling, residual additions. A product with another data-dependent tensor
+  (a gate ``f * up(att)``, attention weights) is not linear in the branch. Anything else (activations, normalization
   layers, which rescale their input anyway) ends the branch;
 * nearest and area resizes are never sites (they keep the variance, or pool); a resize that only reaches the
   output (final logits) is not a site.
@@ -52,6 +53,9 @@ _LINEAR = _PARAMETRIZED | set(RESIZE_OPS) | {
     aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.im2col.default, aten.col2im.default,
 }
+# Products: linear in the branch only where every other operand is a constant or a weight. A product with another
+# data-dependent tensor (a gate ``f * up(att)``, attention weights) is not a linear passage of the branch.
+_PRODUCTS = {aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.bmm.default, aten.mm.default}
 _CHANNEL_KEEPING = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.dropout.default,
                     aten.feature_dropout.default, aten.dropout_.default, aten.feature_dropout_.default}
 
@@ -186,6 +190,8 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
             elif user.target in _LINEAR or user.target is operator.getitem:
                 if user.target in _PARAMETRIZED and user.args[0] is not node:
                     continue  # the branch is a weight here, not the data
+                if user.target in _PRODUCTS and sum(isinstance(a, Node) and a in live for a in user.args[:2]) > 1:
+                    continue  # gated or attended by another data-dependent tensor (or squared): not linear
                 todo.append(user)
             elif user.target in _ADDITIVE:
                 todo.append(user)  # adding a constant (a bias, an equalizer's mean) keeps the branch linear

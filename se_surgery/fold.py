@@ -10,7 +10,7 @@ from torch import nn
 from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .errors import NotCalibratedError
 from .modes import copy_model
-from .runtime import detach, equalizers
+from .runtime import check_attached, detach, equalizers
 from .state import FoldAction, FoldReason, FoldStep, registry
 
 
@@ -34,6 +34,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         alone (shared by several branches, grouped, wrapped by peft LoRA, parametrized, hooked) is not folded
         into: that equalizer stays, moved before its resize (exact), and the step says why.
     """
+    check_attached(model)
     target = model if inplace else copy_model(model)
     eqs = equalizers(target)
     if not eqs:

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 from .capture import ExampleInputs, split_inputs
 from .errors import OnnxError
 from .modes import eval_mode
-from .runtime import equalizers
+from .runtime import check_attached, equalizers
 
 if TYPE_CHECKING:
     from .onnx_graph import Fold
@@ -139,6 +139,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     dynamic), and on ``check_inputs``; errors are max abs differences relative to the output's max abs. Every
     failure is an :class:`OnnxError` that says why; nothing is written then.
     """
+    check_attached(model)
     args, kwargs = split_inputs(example_inputs)
     notes = []
     if dynamic_spatial is None:

@@ -23,7 +23,7 @@ from .capture import ExampleInputs
 from .equalize import equalize
 from .errors import CalibrationError, UsageError
 from .files import atomic_write
-from .runtime import equalizers
+from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 
 _REASONS = {
@@ -108,6 +108,10 @@ def describe(model: nn.Module) -> str:
         foot += "; * = mean over channels"
     if reg.output_change is not None:
         foot += f"; preserve_function moved the output by {reg.output_change:.3g} (relative)"
+    replaced = replaced_owners(model)
+    if replaced:
+        foot += (f"\nNOT ACTING: {', '.join(replaced)} was replaced after equalizing; the forward refuses to run "
+                 f"until se_surgery.calibrate(model, data) equalizes the new module")
     return "\n".join([_table(header, rows), foot] + (["folded by se_surgery.fold:", *folded] if folded else []))
 
 
@@ -289,6 +293,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
+    check_attached(model)
     probe = copy.deepcopy(model).eval()  # measured in eval mode: no training-mode capture needed
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     with warnings.catch_warnings():

@@ -69,11 +69,17 @@ def call_source() -> str:
     if len(frames):
         found = next(((f.filename, f.lineno) for f in reversed(frames) if _forward(f.name, f.filename)), None)
     else:
-        frame = sys._getframe(1)
-        while frame is not None and not _forward(frame.f_code.co_name, frame.f_code.co_filename):
-            frame = frame.f_back
+        frame = _forward_frame()
         found = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
     return source_key(*found) if found is not None else ""
+
+
+def _forward_frame():
+    """The innermost user ``forward`` frame on this thread's stack (eager only)."""
+    frame = sys._getframe(2)
+    while frame is not None and not _forward(frame.f_code.co_name, frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
 
 
 def _forward(name: str, filename: str) -> bool:
@@ -105,9 +111,9 @@ class _OwnerMode(TorchFunctionMode):
     """Active during one call of an owner's forward: recognises the site calls and routes them through the
     equalizers; records which it met."""
 
-    def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int) -> None:
+    def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int, module: nn.Module) -> None:
         super().__init__()
-        self.reg, self.owner, self.call = reg, owner, call
+        self.reg, self.owner, self.call, self.module = reg, owner, call, module
         self.ops = owner.ops
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
@@ -133,6 +139,10 @@ class _OwnerMode(TorchFunctionMode):
         expected = self.owner.line_calls.get((self.call, op, source))
         if expected is None:  # a line without sites
             return func(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            frame = _forward_frame()
+            if frame is not None and frame.f_locals.get("self") is not self.module:
+                return func(*args, **kwargs)  # another module of the owner's class (a plain copy, a teacher)
         occurrence = self.seen[(op, source)]
         self.seen[(op, source)] = occurrence + 1
         targets = self.owner.sites.get(CallKey(self.call, op, source, occurrence))
@@ -197,12 +207,76 @@ def _check_resize(site: Site, mode: str | None, corners: bool | None, x: torch.T
 
 def _enter_model(module: nn.Module, _args) -> None:
     reg = registry(module)
-    _local.forwards.append(_Forward(reg) if reg is not None else None)
+    top = _local.forwards[-1] if _local.forwards else None
+    if reg is not None and top is not None and top.reg is reg:  # the model calls itself (recursion): one forward
+        _local.forwards.append(top)
+    else:
+        _local.forwards.append(_Forward(reg) if reg is not None else None)
 
 
-def _leave_model(_module: nn.Module, _args, _out) -> None:
-    if _local.forwards:
-        _local.forwards.pop()
+def _leave_model(module: nn.Module, _args, out) -> None:
+    forward = _local.forwards.pop() if _local.forwards else None
+    if forward is None or out is None or _local.bypass or (_local.forwards and _local.forwards[-1] is forward):
+        return  # not equalized, raised (that error is the one to see), captured, or inside a recursion
+    if any(path not in forward.calls for path in forward.reg.owners):  # an owner not called: replaced?
+        check_attached(module)
+
+
+def replaced_owners(model: nn.Module) -> list[str]:
+    """Paths of owners whose module no longer carries the equalizer hooks: replaced (``model.decoder = ...``) or
+    gone, so their equalizers would not act. A wrapper around a hooked copy (peft ``modules_to_save``) is not."""
+    reg = registry(model)
+    found = []
+    for path in reg.owners if reg is not None else ():
+        module = _submodule(model, path)
+        if module is None or not any(_hooked(m, path) for m in module.modules()):
+            found.append(path)
+    return found
+
+
+def _hooked(module: nn.Module, path: str) -> bool:
+    return any(isinstance(h, functools.partial) and h.func is _enter_owner and h.args == (path,)
+               for h in module._forward_pre_hooks.values())
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def check_attached(model: nn.Module) -> None:
+    """A :class:`~se_surgery.SiteMismatchError` where an owner module was replaced: its equalizers do not act."""
+    replaced = replaced_owners(model)
+    if not replaced:
+        return
+    reg = registry(model)
+    names = [name for path in replaced for targets in reg.owners[path].sites.values() for name in targets.values()]
+    raise SiteMismatchError(
+        f"{', '.join(p or 'the model' for p in replaced)} of {type(model).__name__} is not the module its equalizers "
+        f"were attached to (it was replaced, e.g. model.decoder = ...), so {len(names)} equalizer(s) ({names[0]}"
+        f"{', ...' if len(names) > 1 else ''}) would not act. Call se_surgery.calibrate(model, data) to equalize the "
+        f"new module (its equalizers are attached to it and measured again), or se_surgery.equalize the plain model.")
+
+
+def reattach(model: nn.Module) -> list[ScaleEqualizer]:
+    """Hook the replacing modules of :func:`replaced_owners` and mark their equalizers uncalibrated (the new module
+    has other statistics); returns those equalizers. An owner whose path is gone is a UsageError."""
+    reg = registry(model)
+    renewed = []
+    for path in replaced_owners(model):
+        module = _submodule(model, path)
+        if module is None:
+            raise UsageError(f"{path} held equalizer sites of {type(model).__name__} but the model has no such module "
+                             f"any more: se_surgery.equalize the plain model again.")
+        _remove_hooks(module)
+        _hook_owner(module, path, reg)
+        for targets in reg.owners[path].sites.values():
+            for name in targets.values():
+                reg[name].reset()
+                renewed.append(reg[name])
+    return renewed
 
 
 def _enter_owner(path: str, module: nn.Module, _args) -> None:
@@ -238,7 +312,7 @@ def _enter_owner(path: str, module: nn.Module, _args) -> None:
             f"{'training' if module.training and owner.train_calls is not None else 'eval-mode'} graph has {limit}: "
             f"its equalizers cannot tell which call is which (a path only taken in this mode or at this size, or a "
             f"shared module in gradient checkpointing). Equalize the model as you run it.")
-    mode = _OwnerMode(forward.reg, owner, call) if call < owner.calls else None  # extra training calls: plain
+    mode = _OwnerMode(forward.reg, owner, call, module) if call < owner.calls else None  # extra training calls: plain
     _local.modes.setdefault(id(module), []).append(mode)
     if mode is not None:
         mode.__enter__()
@@ -314,12 +388,9 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
             continue
         owner = reg.owners.get(site.owner)
         if owner is None:
-            module = model.get_submodule(site.owner)
             owner = reg.owners[site.owner] = OwnerSites(site.owner, site.owner_calls,
                                                         (train_calls or {}).get(site.owner))
-            _homes[module] = reg
-            module.register_forward_pre_hook(functools.partial(_enter_owner, site.owner))
-            module.register_forward_hook(functools.partial(_leave_owner, site.owner), always_call=True)
+            _hook_owner(model.get_submodule(site.owner), site.owner, reg)
         equalizer = ScaleEqualizer(site.shape[1] if len(site.shape) > 1 else 1, per_channel, site,
                                    dtype=ref.dtype if ref is not None else None,
                                    device=ref.device if ref is not None else None)
@@ -327,6 +398,12 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         owner.add(site, name)
         added.append(equalizer)
     return added
+
+
+def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
+    _homes[module] = reg
+    module.register_forward_pre_hook(functools.partial(_enter_owner, path))
+    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True)
 
 
 def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = False) -> None:

@@ -114,10 +114,12 @@ class EqualizerRegistry(nn.ModuleDict):
     def set_extra_state(self, value: Any) -> None:
         state = decode(value)
         per = state.pop("equalizers")
-        unknown = sorted(set(per) - set(self.keys()))
-        if unknown:
-            raise UsageError(f"the se_surgery recipe names equalizers this model does not have ({unknown[:5]}): "
-                             f"restore it into the architecture it was saved from (se_surgery.restore).")
+        unknown, lacking = sorted(set(per) - set(self.keys())), sorted(set(self.keys()) - set(per))
+        if unknown or lacking:
+            raise UsageError(f"the se_surgery recipe in this state_dict was saved from equalizers at other sites "
+                             f"({'it names ' + str(unknown[:3]) if unknown else 'it lacks ' + str(lacking[:3])}): its "
+                             f"statistics belong to another model. Restore it into the architecture it was saved from "
+                             f"(se_surgery.restore); nothing was loaded.")
         self.output_change = state.pop("output_change")
         self.folds = [FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
                       for s in state.pop("folds")]
@@ -135,12 +137,28 @@ class EqualizerRegistry(nn.ModuleDict):
             raise fx_error()
         return super().named_children()
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before scripting; the equalizers' hooks and modes are
+        # Python that TorchScript cannot compile.
+        if len(self):
+            raise CaptureError(f"torch.jit.script cannot carry se_surgery's {len(self)} equalizer(s): they act through "
+                               f"Python hooks and a TorchFunctionMode. se_surgery.fold the model first (scripts once "
+                               f"every equalizer folds away), or use torch.jit.trace, torch.export or "
+                               f"se_surgery.export_onnx.")
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not len(self):  # a registry emptied by fold adds no key: the state_dict is the plain model's
             destination.pop(prefix + _EXTRA, None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        ours = [k for k in state_dict if k.startswith(prefix) and k != prefix + _EXTRA]
+        if ours and prefix + _EXTRA not in state_dict:
+            raise UsageError(f"this state_dict holds equalizer statistics ({ours[0]}, ...) without their se_surgery "
+                             f"recipe ({prefix + _EXTRA}): a loader dropped it (smp's from_pretrained drops it as a "
+                             f"size mismatch), so nothing says they belong to these sites. Load with "
+                             f"se_surgery.restore(ModelClass, path), or the whole state_dict; nothing was loaded.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         if not len(self) and prefix + _EXTRA in missing_keys:
             missing_keys.remove(prefix + _EXTRA)

@@ -185,3 +185,33 @@ class FixedSize(nn.Module):
         if x.shape[-1] != 32:
             raise ValueError(f"input width {x.shape[-1]} is not the configured 32")
         return self.inner(x)
+
+
+class Gate(nn.Module):
+    """An attention gate: a sigmoid map upsampled and multiplied into the features. Not a fusion of levels: 0 sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1), \
+            nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        f = self.a(x)
+        att = F.interpolate(torch.sigmoid(self.b(f)), size=f.shape[-2:], mode="bilinear")
+        return self.c(f + f * att)
+
+
+class Recursive(nn.Module):
+    """A model whose forward calls itself on a pooled input, ``depth`` times: ``depth`` sites, owned by the root."""
+
+    def __init__(self, depth=2):
+        super().__init__()
+        self.depth = depth
+        self.a, self.fuse = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x, depth: int | None = None):
+        depth = self.depth if depth is None else depth
+        if depth == 0:
+            return self.a(x)
+        inner = F.interpolate(self(F.avg_pool2d(x, 2), depth - 1), size=x.shape[-2:], mode="bilinear")
+        return self.fuse(torch.cat([self.a(x), inner], 1))

@@ -1,6 +1,6 @@
-"""Issue 16: an equalized model stays right wherever PyTorch code takes it (threads, nested owners, moved code,
-standard input, FX tracers, copied owners, wrappers, float16, framework checkpoints, training-only calls, every
-fusion spelling). Each case failed on se_surgery 0.2."""
+"""Composition: an equalized model stays right wherever PyTorch code takes it (threads, nested owners, moved code,
+standard input, FX tracers, copied and replaced owners, wrappers, other models of the same class, recursion,
+TorchScript, float16, framework checkpoints, training-only calls, every fusion spelling), or says why it cannot."""
 
 import copy
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from decoders import FUSIONS, Nested, RootOwner, Small, Spelled, TwoPaths
+from decoders import FUSIONS, Gate, Head, Nested, Recursive, RootOwner, Small, Spelled, TwoPaths
 from torch import nn
 
 import se_surgery as se
@@ -310,15 +310,24 @@ def test_a_training_only_call_the_graph_does_not_know_raises():
         eq(data[0])
 
 
+def test_a_training_only_call_is_known_when_equalized_in_eval_mode():
+    eq = se.equalize(TwoPaths().eval(), (_data()[0],), _data(), progress=False)  # a pretrained model, put in eval
+    eq.train()
+    y, rec = eq(_data()[0])
+    with torch.no_grad():
+        torch.testing.assert_close(rec, F.interpolate(eq.a(_data()[0]) * 0.5, scale_factor=2, mode="bilinear"))
+
+
 @pytest.mark.slow
-def test_segresnetvae_trains_equalized_where_its_decoder_fuses():
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_segresnetvae_trains_equalized_where_its_decoder_fuses(mode):
     from monai.networks.nets import SegResNetVAE
 
     torch.manual_seed(0)
     model = SegResNetVAE(input_image_size=(32, 32, 32), spatial_dims=3, init_filters=8, in_channels=1,
                          out_channels=2, blocks_down=(1, 1, 1), blocks_up=(1, 1))
     data = [torch.randn(1, 1, 32, 32, 32) for _ in range(2)]
-    eq = se.equalize(model, (data[0],), data, progress=False)
+    eq = se.equalize(model.train(mode == "train"), (data[0],), data, progress=False)
     assert len(se.equalizers(eq)) == 2
     calls = {e.name: 0 for e in se.equalizers(eq)}
     for e in se.equalizers(eq):
@@ -365,3 +374,134 @@ def test_a_checkpointed_helper_method_raises_instead_of_giving_wrong_gradients(r
     eq.train()
     with pytest.raises(se.SiteMismatchError, match="was not met"):
         eq(_data()[0]).square().mean().backward()
+
+
+def _outputs_of(eq):
+    """Every equalizer's outputs during the next forwards, by name."""
+    seen = {e.name: [] for e in se.equalizers(eq)}
+    for e in se.equalizers(eq):
+        e.register_forward_hook(lambda m, args, out: seen[m.name].append(out.detach()))
+    return seen
+
+
+def test_a_replaced_owner_refuses_everywhere_until_calibrated():
+    eq, x = _eq(Small()), _data()[0]
+    eq.head = Head()  # a new decoder head, as fine-tuning code does
+    message = r"head of Small is not the module its equalizers were attached to .* se_surgery.calibrate"
+    with pytest.raises(se.SiteMismatchError, match=message):
+        eq(x)
+    for tool in (se.fold, lambda m: se.export_onnx(m, (x,), "unused.onnx"),
+                 lambda m: se.scale_report(m, (x,), [x], progress=False)):
+        with pytest.raises(se.SiteMismatchError, match=message):
+            tool(eq)
+    assert "NOT ACTING: head was replaced" in se.describe(eq)
+    se.calibrate(eq, _data(), progress=False)  # attaches the equalizers to the new head and measures them
+    assert "NOT ACTING" not in se.describe(eq)
+    seen = _outputs_of(eq)
+    with torch.no_grad():
+        out = eq(x)
+    assert all(len(v) == 1 for v in seen.values())  # they act on the new module
+    plain = Small()
+    plain.load_state_dict({k: v for k, v in eq.state_dict().items() if not k.startswith("scale_equalizers")})
+    assert not torch.allclose(out, plain(x))
+    torch.testing.assert_close(se.fold(eq)(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_equalize_again_after_replacing_an_owner_measures_the_new_module():
+    eq = _eq(Small())
+    eq.head = Head()
+    again = se.equalize(eq, (_data()[0],), progress=False)  # not "already equalized": the new head is not
+    assert all(not e.is_calibrated for e in se.equalizers(again))
+    with pytest.raises(se.NotCalibratedError):
+        again(_data()[0])
+    se.calibrate(again, _data(), progress=False)
+    again(_data()[0])
+
+
+@pytest.mark.slow
+def test_a_replaced_zoo_decoder_is_never_silently_plain():
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    eq = se.equalize(smp.UPerNet("resnet18", encoder_weights=None, classes=5), (data[0],), data, progress=False)
+    eq.decoder = smp.UPerNet("resnet18", encoder_weights=None, classes=5).decoder
+    with pytest.raises(se.SiteMismatchError, match="decoder"):
+        eq(data[0])
+    se.calibrate(eq, data, progress=False)
+    seen = _outputs_of(eq)
+    eq.eval()(data[0])
+    assert len(seen) == 7 and all(len(v) == 1 for v in seen.values())
+
+
+def test_an_upsampled_gate_is_not_a_fusion():
+    with pytest.warns(UserWarning, match="no interpolating upsampling feeds a fusion"):
+        eq = se.equalize(Gate(), (_data()[0],), progress=False)
+    assert se.equalizers(eq) == []
+
+
+def test_torchscript_refuses_with_equalizers_and_scripts_after_fold():
+    eq = _eq(RootOwner())
+    with pytest.raises(se.CaptureError, match="se_surgery.fold the model first"):
+        torch.jit.script(eq)
+    folded = se.fold(eq)
+    x = _data()[0]
+    torch.testing.assert_close(torch.jit.script(folded)(x), eq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_plain_model_of_the_owners_class_inside_its_forward_is_left_alone():
+    eq, x = _eq(Small()), _data()[0]
+    with torch.no_grad():
+        want = eq(x)
+    teacher = Small()
+    eq.head.register_forward_pre_hook(lambda module, args: (teacher.head(args[0]), None)[1])
+    seen = _outputs_of(eq)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(x), want)
+    assert all(len(v) == 1 for v in seen.values())
+
+
+def test_a_model_that_calls_itself():
+    data = _data(n=4)
+    eq = se.equalize(Recursive(), (data[0],), data, progress=False)
+    assert len(se.equalizers(eq)) == 2
+    seen = _outputs_of(eq)
+    with torch.no_grad():
+        for x in data:
+            eq(x)
+    for outs in seen.values():
+        everything = torch.cat(outs)
+        assert abs(everything.mean().item()) < 1e-4 and abs(everything.std(correction=0).item() - 1) < 1e-3
+    eq(torch.randn(1, 3, 48, 48))  # at another size too
+
+
+def test_a_model_called_from_outside_the_module_tree_is_not_equalized_and_says_so():
+    teacher = _eq(Small())
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Small()
+
+        def forward(self, x):
+            return self.body(x) + teacher(x)
+
+    with pytest.warns(UserWarning, match="Head.forward, a module outside Student's module tree"):
+        eq = se.equalize(Student(), (_data()[0],), _data(), progress=False)
+    assert [e.name for e in se.equalizers(eq)] == ["body.head.call0_resize0", "body.head.call0_resize1"]
+    seen, taught = _outputs_of(eq), _outputs_of(teacher)
+    eq(_data()[0])
+    assert all(len(v) == 1 for v in [*seen.values(), *taught.values()])
+
+
+def test_state_dicts_that_lost_their_recipe_or_belong_elsewhere_are_refused():
+    eq = _eq(Small())
+    state = eq.state_dict()
+    dropped = {k: v for k, v in state.items() if not k.endswith("_extra_state")}  # as smp's loader drops it
+    before = {k: v.clone() for k, v in eq.state_dict().items()}
+    with pytest.raises(se.UsageError, match="without their se_surgery recipe"):
+        eq.load_state_dict(dropped, strict=False)
+    other = _eq(Nested())
+    with pytest.raises(se.UsageError, match="saved from equalizers at other sites"):
+        eq.load_state_dict(other.state_dict(), strict=False)
+    assert all(torch.equal(before[k], v) for k, v in eq.state_dict().items())

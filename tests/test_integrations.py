@@ -83,20 +83,21 @@ def test_trainer_trains_saves_and_resumes_with_the_equalizers(tmp_path):
 
     from se_surgery.integrations.transformers import ScaleEqualizationCallback
 
-    def trainer(model, steps):
+    def trainer(model, steps, example=None):
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, save_steps=2, per_device_train_batch_size=2,
                                  report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True)
-        example = {"pixel_values": torch.randn(1, 3, 64, 64)}
         return Trainer(model, args, train_dataset=_Scenes(), callbacks=[ScaleEqualizationCallback(example, 2)])
 
     model = _segformer(0)
-    first = trainer(model, 2)
+    first = trainer(model, 2, {"pixel_values": torch.randn(1, 3, 64, 64)})
     result = first.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert len(se.equalizers(model)) == 3 and all(e.is_calibrated for e in se.equalizers(model))
     saved = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("scale_equalizers.")}
     other = _segformer(1)  # another seed: the statistics must come from the checkpoint
-    trainer(other, 3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with pytest.warns(UserWarning, match="no example_inputs given"):  # the model's default input finds the sites
+        resumed = trainer(other, 3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for k, v in saved.items():
         if k.endswith((".mean", ".std")):
             assert torch.equal(other.state_dict()[k], v), k

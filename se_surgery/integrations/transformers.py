@@ -23,21 +23,24 @@ class ScaleEqualizationCallback(TrainerCallback):
     equalizers already have statistics (a resumed run keeps the saved ones).
 
     Args:
-        example_inputs: the model's keyword inputs at the training size, e.g. ``{"pixel_values": x}``.
+        example_inputs: the model's keyword inputs at the training size, e.g. ``{"pixel_values": x}``. ``None``:
+            the model's default input (``pixel_values`` of ``config.num_channels`` at 512 px), as
+            ``se_surgery.equalize`` takes it, with its warning. The model is equalized when the Trainer is built,
+            before any batch exists, so that ``resume_from_checkpoint`` can load the saved statistics.
         max_batches: calibrate on at most this many training batches.
         input_fn: turns one batch into the model's inputs where ``se_surgery.calibrate``'s rule does not fit
             (transformers batches are dicts; ``pixel_values`` is taken, ``labels`` ignored).
         **options: passed to ``se_surgery.equalize`` (``per_channel``, ``branches``).
     """
 
-    def __init__(self, example_inputs: Any, max_batches: int | None = 50, input_fn=None, **options) -> None:
+    def __init__(self, example_inputs: Any = None, max_batches: int | None = 50, input_fn=None, **options) -> None:
         self.example_inputs, self.max_batches, self.input_fn, self.options = example_inputs, max_batches, input_fn, \
             options
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         device = next((p.device for p in model.parameters()), None)
         example = {k: v.to(device) for k, v in self.example_inputs.items()} if isinstance(self.example_inputs, dict) \
-            else self.example_inputs
+            else self.example_inputs  # None: equalize's default input
         equalize_in_place(model, example, **self.options)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
