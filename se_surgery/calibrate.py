@@ -20,11 +20,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, UsageError
+from .inputs import batch_inputs, model_device, to_device
 from .modes import eval_mode
 from .runtime import equalizers, reattach, registry
 
@@ -133,48 +133,12 @@ class _Observer:
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equalizer's ``(mean, std)``: the input's (``scale="unit"``), or for ``"restore"`` the affine map
         ``x -> mu + (x - mu) * sigma_source / sigma`` written as ``(x - mean) / std``."""
-        mean, std = _checked(self.equalizer, self.moments)
+        mean, std = _frozen_statistics(self.equalizer, self.moments)
         if self.source is None:
             return mean, std
-        _, source_std = _checked(self.equalizer, self.source)
+        _, source_std = _frozen_statistics(self.equalizer, self.source)
         std = std / source_std
         return mean * (1 - std), std
-
-
-def model_inputs(batch: Any, form: tuple[str, Any], index: int) -> tuple[tuple, dict]:
-    """The model's inputs in one calibration batch, by the rule the README documents.
-
-    A model equalized with keyword inputs (``{"pixel_values": x}``) takes those keys from a dict batch (other keys,
-    e.g. ``labels``, are ignored), or the first item of a tuple/list batch for a single keyword. A model equalized
-    with N positional inputs takes a tensor batch as its one input, or the first N items of a tuple/list batch (so
-    ``(image, label)`` pairs give the image).
-    """
-    kind, spec = form
-    items = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch) if isinstance(batch, (tuple, list)) \
-        else None
-    if kind == "kwargs":
-        if isinstance(batch, Mapping):
-            missing = [k for k in spec if k not in batch]
-            if missing:
-                raise CalibrationError(f"calibration batch {index} lacks the keyword input(s) {missing} the model "
-                                       f"was equalized with (it has {sorted(batch)}); pass input_fn= to pick them.")
-            return (), {k: batch[k] for k in spec}
-        if items and len(spec) == 1:
-            return (), {spec[0]: items[0]}
-    elif items is not None and len(items) >= spec:
-        return items[:spec], {}
-    raise CalibrationError(
-        f"calibration batch {index} is a {type(batch).__name__}"
-        + (f" of {len(items)} items" if items is not None else "")
-        + f", but the model was equalized with {spec if kind == 'args' else list(spec)} "
-        + ("positional input(s)" if kind == "args" else "keyword input(s)")
-        + ": yield tensors, (input, label) tuples or dicts with those keys, or pass input_fn= to turn a batch into "
-          "the model's inputs.")
-
-
-def _device(model: nn.Module) -> torch.device:
-    ref = next(model.parameters(), None)
-    return ref.device if ref is not None else torch.device("cpu")
 
 
 SCALES = ("unit", "restore")
@@ -199,21 +163,21 @@ def check_data(data: Any) -> None:
                          f"(image, label) pairs), got {type(data).__name__}; for one batch, pass [batch].")
 
 
-def model_calls(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
+def input_batches(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
                 input_fn: InputFn | None = None) -> Iterator[tuple[int, tuple, dict]]:
     """``(index, args, kwargs)`` per batch of ``data`` (at most ``max_batches``, read lazily), on the model's
     device, with a progress bar."""
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         raise CalibrationError(f"calibration data is a {type(data).__name__}, which yields single samples: wrap it "
                                f"in a DataLoader(dataset, batch_size=...) to give batches.")
-    form, device = registry(model).input_form, _device(model)
+    form, device = registry(model).input_form, model_device(model)
     total = len(data) if hasattr(data, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     batches = itertools.islice(data, max_batches)
     for index, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)):
-        args, kwargs = model_inputs(input_fn(batch) if input_fn is not None else batch, form, index)
-        args, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        inputs = batch_inputs(input_fn(batch) if input_fn is not None else batch, form, index)
+        args, kwargs = to_device(inputs, device)
         yield index, args, kwargs
 
 
@@ -231,7 +195,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     seen = 0
     try:
         with eval_mode(model), torch.no_grad():
-            for index, args, kwargs in model_calls(model, data, max_batches=max_batches, progress=progress,
+            for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=progress,
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
@@ -262,7 +226,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
         eq.set_statistics(*obs.statistics())
 
 
-def _checked(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
+def _frozen_statistics(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
     """The statistics to freeze; a branch with no variation beyond rounding (a dead branch) is an error."""
     mean, std = moments.mean, moments.std
     dead = std <= DEAD_RELATIVE_STD * (mean * mean + std * std).sqrt()
@@ -297,8 +261,8 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     Args:
         model: a model returned by :func:`se_surgery.equalize`.
         data: an iterable of batches: a ``DataLoader`` or any iterable of tensors, ``(input, label)`` tuples or dicts
-            (see :func:`model_inputs` for which items are the model's inputs). Read once per level of chained
-            sites; a one-shot iterator is read once and its batches replayed for the later levels.
+            (:func:`se_surgery.inputs.batch_inputs` says which items are the model's inputs). Read once per level of
+            chained sites; a one-shot iterator is read once and its batches replayed for the later levels.
         max_batches: use at most this many batches (per level); the rest of ``data`` is never read.
         progress: show tqdm progress bars.
         input_fn: turns one batch into the model's inputs (a tensor, a tuple or a dict) where the rule does not fit.

@@ -7,50 +7,12 @@ exported graph: it reads it to find sites, then edits the user's own eager modul
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import nn
 
-from .errors import CaptureError, UsageError
+from .errors import CaptureError
+from .inputs import ExampleInputs, split_inputs
 from .modes import eval_mode
-
-ExampleInputs = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
-
-
-def split_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional args and keyword args from a tuple, a dict (``pixel_values=`` models) or a bare tensor."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise UsageError(
-        f"example_inputs must be a tuple of positional inputs, a dict of keyword inputs or a tensor, "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
-DEFAULT_SIZE = {1: 4096, 2: 512, 3: 64}   # per spatial dims: a training-like size, a multiple of 32
-
-
-def default_example(model: nn.Module) -> ExampleInputs:
-    """An example input built from what the model declares: its first convolution's channels and dimensions (or
-    a transformers config's ``num_channels`` and main input name), batch 1, at :data:`DEFAULT_SIZE`."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    config = getattr(model, "config", None)
-    channels = getattr(config, "num_channels", None) or (conv.in_channels if conv is not None else None)
-    if channels is None:
-        raise UsageError(f"{type(model).__name__} has no convolution to tell its input channels from: pass "
-                         f"example_inputs (a tensor, a tuple or a dict of the model's inputs).")
-    dims = len(conv.kernel_size) if conv is not None else 2
-    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-    x = torch.randn(1, channels, *[DEFAULT_SIZE[dims]] * dims, dtype=ref.dtype if ref is not None else None,
-                    device=ref.device if ref is not None else None)
-    name = getattr(model, "main_input_name", None) if config is not None else None
-    return {name: x} if name else (x,)
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs, training: bool = False) -> torch.export.ExportedProgram:

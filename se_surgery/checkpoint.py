@@ -22,6 +22,7 @@ from torch import nn
 
 from .equalize import equalize
 from .errors import UsageError
+from .inputs import model_device
 from .runtime import detach, equalizers
 from .state import RECIPE_KEY, decode, encode, registry
 
@@ -113,7 +114,7 @@ def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, str
     if saved_shape is not None and (len(saved_shape) == 1) != recipe["per_channel"]:
         raise UsageError(f"{_name(source)}: its recipe says per_channel={recipe['per_channel']}, but its saved "
                          f"statistics have shape {tuple(saved_shape)}; the checkpoint is inconsistent.")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -6,6 +6,10 @@ import argparse
 import sys
 import time
 
+from .images import IMAGENET_MEAN, IMAGENET_STD, read_images, read_labels
+from .integrations.zoo import load_model
+from .synthetic import synthetic_segmentation
+
 
 def _demo(args: argparse.Namespace) -> int:
     """Equalize a zoo UPerNet on generated data, calibrate, take one fine-tuning step, print the sites."""
@@ -68,144 +72,6 @@ def _fold(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.input}: no such file.")
     print(fold_onnx(args.input, args.output))
     return 0
-
-
-def load_model(spec: str):
-    """A model from a SPEC: torchvision:NAME, smp:NAME?key=value&..., hf:CONFIG_OR_FOLDER, path/file.py:factory.
-
-    Zoo models are built with random weights, seeded (nothing is downloaded); load trained weights with --weights.
-    """
-    import importlib.util
-    from urllib.parse import parse_qsl
-
-    import torch
-
-    torch.manual_seed(0)  # the same random weights in every command, so their numbers can be compared
-
-    kind, _, rest = spec.partition(":")
-    name, _, query = rest.partition("?")
-    options = {k: _literal(v) for k, v in parse_qsl(query)}
-    if kind == "torchvision":
-        import torchvision.models.segmentation as tvs
-
-        build = _named(tvs, name, spec)
-        _check_keywords(build, options, spec)
-        return build(weights=None, weights_backbone=None, **options)
-    if kind == "smp":
-        import segmentation_models_pytorch as smp
-        from segmentation_models_pytorch.encoders import get_encoder
-
-        build = _named(smp, name, spec)
-        if not str(options.get("encoder_name", "")).startswith("tu-"):  # smp drops other keywords silently
-            _check_keywords(build, options, spec, also=get_encoder)
-        return build(**{"encoder_weights": None, **options})
-    if kind == "hf":
-        from transformers import AutoConfig, AutoModelForSemanticSegmentation
-
-        return AutoModelForSemanticSegmentation.from_config(AutoConfig.from_pretrained(name))
-    if rest and spec.endswith(f":{rest}") and kind.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location("se_surgery_user_model", kind)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return getattr(module, name)(**options)
-    raise ValueError(f"unknown model SPEC {spec!r}: use torchvision:NAME, smp:NAME?key=value, hf:PATH or "
-                     f"file.py:factory")
-
-
-def _named(namespace, name: str, spec: str):
-    found = getattr(namespace, name, None)
-    if not callable(found):
-        raise ValueError(f"model SPEC {spec!r}: {namespace.__name__} has no model {name!r}.")
-    return found
-
-
-def _check_keywords(build, options: dict, spec: str, also=None) -> None:
-    """Refuse keywords the constructor does not take (instead of a model built without them)."""
-    import inspect
-
-    def named(fn) -> set[str]:
-        return {p.name for p in inspect.signature(fn).parameters.values()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
-
-    valid = named(build) | (named(also) - {"name", "weights", "depth"} if also is not None else set())
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ValueError(f"model SPEC {spec!r}: {getattr(build, '__name__', build)} takes no keyword "
-                         f"{', '.join(unknown)}; its keywords are {', '.join(sorted(valid))}.")
-
-
-def _literal(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def _image_files(folder: str, limit: int | None):
-    """The images under ``folder``, sorted by path: the one order images and their label maps are read in."""
-    from pathlib import Path
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"--data {folder}: not a folder of images.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise ValueError(f"--data {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it.")
-    return files
-
-
-def read_images(folder: str, size: int, batch_size: int = 4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                limit: int | None = None, progress: bool = True) -> list:
-    """Batches of the images in ``folder`` (sorted by name): RGB, shorter side resized to ``size`` (bilinear,
-    antialiased), centre-cropped to ``size`` x ``size``, scaled to [0, 1], then normalized by ``mean``/``std``."""
-
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as TF
-    from tqdm.auto import tqdm
-
-    images = []
-    for path in tqdm(_image_files(folder, limit), desc="reading images", disable=not progress, leave=False):
-        try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except Exception as error:
-            raise ValueError(f"--data: cannot read {path} ({error}).") from error
-        image = TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
-        images.append(TF.normalize(image.float() / 255, list(mean), list(std)))
-    return list(torch.stack(images).split(batch_size))
-
-
-def read_labels(labels: str, folder: str, size: int, batch_size: int = 4, limit: int | None = None) -> list:
-    """Label maps for the images of ``read_images(folder, ...)``: for ``folder/a/b.jpg``, ``labels/a/b.png`` (class
-    ids as pixel values, 255 = ignore; greyscale or palette PNG), resized (nearest) and cropped like the image."""
-    from pathlib import Path
-
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
-    maps = []
-    for path in _image_files(folder, limit):
-        label = Path(labels) / path.relative_to(folder).with_suffix(".png")
-        if not label.exists():
-            raise ValueError(f"--labels: no label map {label} for the image {path}.")
-        with Image.open(label) as image:
-            if image.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"--labels: {label} is a {image.mode} image; label maps hold one class id per "
-                                 f"pixel (greyscale or palette PNG).")
-            ids = torch.from_numpy(np.array(image).astype(np.int64))[None]
-        ids = TF.resize(ids, size, interpolation=InterpolationMode.NEAREST_EXACT)
-        maps.append(TF.center_crop(ids, [size, size])[0])
-    return list(torch.stack(maps).split(batch_size))
 
 
 def _as_input(spec: str, x):
@@ -342,25 +208,6 @@ def _equalize(args: argparse.Namespace) -> int:
           f"--model '{args.model}' --weights {os.fspath(path)}, or in Python: "
           f"se_surgery.restore(model, {os.fspath(path)!r})")
     return 0
-
-
-def synthetic_segmentation(n: int, size: int, classes: int, seed: int = 0):
-    """Images with filled discs of several sizes (one class each) on noise, and their masks."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images = torch.randn(n, 3, size, size, generator=gen) * 0.3
-    masks = torch.zeros(n, size, size, dtype=torch.long)
-    for i in range(n):
-        for _ in range(4):
-            cls = int(torch.randint(1, classes, (1,), generator=gen))
-            radius = float(size) / 2 ** float(torch.randint(2, 5, (1,), generator=gen))
-            cy, cx = (torch.rand(2, generator=gen) * size).tolist()
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
-            masks[i][disc] = cls
-            images[i, :, disc] += torch.linspace(-1, 1, classes)[cls] + torch.randn(3, 1, generator=gen) * 0.2
-    return images, masks
 
 
 def _model_options(parser: argparse.ArgumentParser, size: int = 256) -> None:

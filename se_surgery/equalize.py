@@ -12,10 +12,11 @@ from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .calibrate import InputFn, check_data, check_scale, run_levels
-from .capture import ExampleInputs, capture, default_example, split_inputs
+from .capture import capture
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
 from .find import explain, find_sites, module_calls
+from .inputs import ExampleInputs, default_example, split_inputs
 from .modes import copy_model, eval_mode
 from .runtime import attach, bypassed, equalizers, reattach
 from .site import Site
@@ -98,7 +99,7 @@ def equalize(
     reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
     tensors = [*args, *kwargs.values()]
     if all(isinstance(t, torch.Tensor) for t in tensors):  # what restore() needs to find the same sites again
-        reg.recipe = {"version": 1, "input_kind": reg.input_form[0], "input_names": list(kwargs),
+        reg.recipe = {"input_kind": reg.input_form[0], "input_names": list(kwargs),
                       "shapes": [list(t.shape) for t in tensors],
                       "dtypes": [str(t.dtype).split(".")[1] for t in tensors], "per_channel": per_channel,
                       "branches": branches, "sites": [eq.name for eq in equalizers(target)]}
@@ -184,7 +185,7 @@ def _compensate(model: nn.Module, eq: ScaleEqualizer) -> None:
     consumer = eq.site.consumer
     reason = refusal(model, consumer)
     if reason is not None:
-        eq.compensation = Compensation(reason.value)
+        eq.compensation = Compensation.refused(reason)
         return
     shift = eq.mean if shift_absorbable(consumer) else torch.zeros_like(eq.mean)
     absorb_input_affine(model, consumer, eq.std, shift)

@@ -28,7 +28,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .ops import ADDITIVE_OPS, FUSION_OPS, LIST_FUSION_OPS, RESIZE_OPS
-from .site import Consumer, Site, forward_source
+from .site import Consumer, Site, source_key_in_trace
 
 aten = torch.ops.aten
 
@@ -123,8 +123,8 @@ def _owner(node: Node) -> tuple[str, str, int]:
     return key, path, call
 
 
-def _source(node: Node) -> str:
-    return forward_source(node.meta.get("stack_trace") or "")
+def _source_key(node: Node) -> str:
+    return source_key_in_trace(node.meta.get("stack_trace") or "")
 
 
 def _shape(node: Node) -> tuple[int, ...]:
@@ -298,14 +298,14 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
         number[node] = counts[(op, key)]  # names count the calls of submodules too, as they always have
         for outer in (node.meta.get("nn_module_stack") or {"": None}):
             counts[(op, outer)] += 1
-        occurrence[node] = counts[(op, key, _source(node))]
-        counts[(op, key, _source(node))] += 1
+        occurrence[node] = counts[(op, key, _source_key(node))]
+        counts[(op, key, _source_key(node))] += 1
 
     def identity(node: Node, op: str) -> dict:
         key, path, call = _owner(node)
         return dict(owner=path, call=call, owner_calls=max(len(module_calls[path]), 1), index=number[node],
-                    source=_source(node), occurrence=occurrence[node],
-                    line_calls=counts[(op, key, _source(node))])
+                    source=_source_key(node), occurrence=occurrence[node],
+                    line_calls=counts[(op, key, _source_key(node))])
 
     def fusion_name(fusion: Node) -> str:
         _, path, call = _owner(fusion)

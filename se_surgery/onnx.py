@@ -8,7 +8,7 @@ constants). Each one is folded by the cheapest exact form (METHOD.md section 4):
 2. a zero-padded ``Conv``: the scale goes into its weights, and the shift moves in front of the ``Resize``
    (resizing commutes with adding a constant), one ``Add`` on the low-resolution map;
 3. anything else (an ``Add`` fusion): the whole affine map moves in front of the ``Resize``, a ``Mul`` and an
-   ``Add`` on the low-resolution map (1/factor^2 of the cost).
+   ``Add`` on the low-resolution map (1/factor^d of the cost, d spatial dims).
 
 Every result is checked with onnxruntime against the unfolded graph (and, from :func:`export_onnx`, against
 PyTorch) before it is written; a fold that cannot be confirmed is not written, and no input file is overwritten.
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .capture import ExampleInputs, split_inputs
 from .errors import OnnxError
+from .inputs import ExampleInputs, split_inputs
 from .modes import eval_mode
 from .runtime import check_attached, equalizers
 

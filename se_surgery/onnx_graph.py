@@ -27,7 +27,8 @@ class Fold:
 
     resize: str
     site: str
-    form: str          # "into Conv <name>", "scale into Conv <name>, shift before Resize", "before Resize"
+    form: str          # "into Conv <name>", "scale into Conv <name>; shift before Resize (...)", "scale and shift
+                       # before Resize (...)": what was done, for the report
     nodes_left: int    # nodes this equalizer still costs (on the low-resolution side)
 
 
@@ -278,12 +279,12 @@ def fold_graph(model: ir.Model, sites: list | None = None) -> list[Fold]:
 def _origin(node: ir.Node) -> tuple[str, str]:
     """(module path, ``/path/file.py:line``) of the PyTorch call an exported node came from (torch.onnx's
     metadata; empty where the exporter left none)."""
-    from .site import forward_source
+    from .site import source_key_in_trace
 
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]  # full paths, outermost first, then the op
     path = parts[-2] if len(parts) >= 2 else ""
-    return path, forward_source(node.metadata_props.get("pkg.torch.onnx.stack_trace", ""))
+    return path, source_key_in_trace(node.metadata_props.get("pkg.torch.onnx.stack_trace", ""))
 
 
 def _labels(resizes: list[ir.Node], sites: list | None) -> dict[ir.Node, str]:

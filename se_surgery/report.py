@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import RunningMoments, _device, model_calls
-from .capture import ExampleInputs
+from .calibrate import RunningMoments, input_batches
 from .equalize import equalize
 from .errors import CalibrationError, UsageError
 from .files import atomic_write
+from .inputs import ExampleInputs, model_device
 from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 
@@ -58,7 +58,7 @@ def _compensation(eq) -> str:
         return f"inexact at borders: {consumer} is zero-padded"
     if c == Compensation.SCALE_ONLY:
         return f"scale only: {consumer} has no bias or BatchNorm to take the shift"
-    return "not possible: " + reason_sentence(FoldReason(c.value), consumer, eq.site.fusion)
+    return "not possible: " + reason_sentence(c.reason, consumer, eq.site.fusion)
 
 
 def _fold_step(step: FoldStep, fusion: str = "") -> str:
@@ -319,9 +319,9 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         param.requires_grad_(name in weights)
         param.grad = None
 
-    device, seen = _device(probe), 0
+    device, seen = model_device(probe), 0
     labels = iter(targets) if targets is not None else repeat(None)
-    for _index, args, kwargs in model_calls(probe, data, max_batches=max_batches, progress=progress,
+    for _index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
                                             desc="measuring scales", input_fn=input_fn):
         with torch.set_grad_enabled(bool(weights)):
             logits = _logits(probe(*args, **kwargs))

@@ -59,7 +59,7 @@ _homes: weakref.WeakKeyDictionary[nn.Module, EqualizerRegistry] = weakref.WeakKe
 
 
 @torch._dynamo.assume_constant_result
-def call_source() -> str:
+def source_key_of_call() -> str:
     """:func:`~se_surgery.site.source_key` of the innermost ``forward`` on the way to the torch function being
     handled (a helper such as ``self.decode(x)`` counts as its ``forward``'s line, as torch.export records it).
 
@@ -135,7 +135,7 @@ class _OwnerMode(TorchFunctionMode):
             _local.handling -= 1
 
     def _handle(self, op: str, func, args, kwargs):
-        source = call_source()
+        source = source_key_of_call()
         expected = self.owner.line_calls.get((self.call, op, source))
         if expected is None:  # a line without sites
             return func(*args, **kwargs)

@@ -104,7 +104,7 @@ _PACKAGE = os.path.normcase(os.path.dirname(os.path.abspath(__file__)))
 _LIBRARY: frozenset[str] | None = None
 
 
-def forward_source(stack_trace: str) -> str:
+def source_key_in_trace(stack_trace: str) -> str:
     """The :func:`source_key` of the innermost user ``forward`` frame in a formatted stack trace (torch.export's
     ``stack_trace`` node meta, torch.onnx's ``pkg.torch.onnx.stack_trace``); ``""`` when there is none. A helper
     method's calls count as the line in ``forward`` that calls it: torch.export may record ``forward`` frames only."""

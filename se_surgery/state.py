@@ -20,16 +20,37 @@ from .errors import CaptureError, UsageError
 from .site import CallKey, Site
 
 
-class Compensation(StrEnum):
-    """What ``preserve_function`` did at a site."""
+class FoldReason(StrEnum):
+    """Why ``fold`` (or ``preserve_function``) could not absorb everything into a consumer."""
 
-    NONE = ""                                  # not asked for
-    EXACT = "exact"                            # the consumer absorbed scale and shift
-    SCALE_ONLY = "scale_only"                  # the consumer has no bias or BatchNorm to take the shift
-    ZERO_PADDED = "zero_padded"                # exact but at the borders: the consumer is zero-padded
-    NO_CONSUMER = "no_consumer"                # the branch meets an addition (no weights) before any conv
-    SHARED_CONSUMER = "shared_consumer"        # the consumer's weight also serves other inputs
-    NOT_PLAIN_CONSUMER = "not_plain_consumer"  # grouped, wrapped (LoRA), parametrized or hooked
+    NONE = ""
+    NO_CONSUMER = "no_consumer"
+    ZERO_PADDED = "zero_padded"
+    NO_BIAS = "no_bias"
+    SHARED_CONSUMER = "shared_consumer"
+    NOT_PLAIN_CONSUMER = "not_plain_consumer"
+
+
+class Compensation(StrEnum):
+    """What ``preserve_function`` did at a site. Where it could not absorb the statistics, the value is the
+    :class:`FoldReason` that stopped it (the same rule stops ``fold``): :meth:`refused` and :attr:`reason` convert."""
+
+    NONE = ""                                              # not asked for
+    EXACT = "exact"                                        # the consumer absorbed scale and shift
+    SCALE_ONLY = "scale_only"                              # no bias or BatchNorm to take the shift
+    ZERO_PADDED = FoldReason.ZERO_PADDED.value             # exact but at the borders: the consumer is zero-padded
+    NO_CONSUMER = FoldReason.NO_CONSUMER.value             # an addition (no weights) before any conv
+    SHARED_CONSUMER = FoldReason.SHARED_CONSUMER.value     # the consumer's weight also serves other inputs
+    NOT_PLAIN_CONSUMER = FoldReason.NOT_PLAIN_CONSUMER.value  # grouped, wrapped (LoRA), parametrized or hooked
+
+    @classmethod
+    def refused(cls, reason: FoldReason) -> Compensation:
+        return cls(reason.value)
+
+    @property
+    def reason(self) -> FoldReason:
+        """The refusal this record stands for (``FoldReason.NONE`` where the consumer absorbed something)."""
+        return FoldReason(self.value) if self.value in set(FoldReason) else FoldReason.NONE
 
 
 class FoldAction(StrEnum):
@@ -40,17 +61,6 @@ class FoldAction(StrEnum):
     SCALE_FOLDED = "scale_folded"  # scale went into the consumer; the shift stays (before the resize if a resize)
     MOVED = "moved"           # the whole equalizer acts on the resize's input instead (exact, cheaper)
     KEPT = "kept"             # left as it is
-
-
-class FoldReason(StrEnum):
-    """Why ``fold`` (or ``preserve_function``) could not absorb everything into a consumer."""
-
-    NONE = ""
-    NO_CONSUMER = "no_consumer"
-    ZERO_PADDED = "zero_padded"
-    NO_BIAS = "no_bias"
-    SHARED_CONSUMER = "shared_consumer"
-    NOT_PLAIN_CONSUMER = "not_plain_consumer"
 
 
 @dataclass
@@ -189,7 +199,7 @@ MAX_BYTES = 4 << 20          # a real recipe is a few kB per hundred sites
 MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_ELEMENTS = 64, 8, 1 << 20, 1 << 26
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
 
-# version-1 recipes (se_surgery 0.2) stored sentences; their first words give the record.
+# version-1 recipes (written before the records became enums) stored sentences; their first words give the record.
 _V1_COMPENSATION = {"exact": Compensation.EXACT, "scale only": Compensation.SCALE_ONLY,
                     "inexact at borders": Compensation.ZERO_PADDED, "not possible": Compensation.NO_CONSUMER}
 _V1_ACTION = {"folded": FoldAction.FOLDED, "scale folded": FoldAction.SCALE_FOLDED,
@@ -219,10 +229,10 @@ def decode(value: Any, where: str = "the checkpoint") -> dict:
         raise bad(f"is not valid JSON ({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise bad(f"is a JSON {type(state).__name__}, not an object")
-    return _checked(state, bad)
+    return _validated(state, bad)
 
 
-def _checked(state: dict, bad) -> dict:
+def _validated(state: dict, bad) -> dict:
     version = state.get("version")
     if version not in (1, VERSION) or isinstance(version, bool):
         raise bad(f"has version {version!r}; this se_surgery reads versions 1 and {VERSION}")

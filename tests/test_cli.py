@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import se_surgery as se
-from se_surgery.cli import load_model, main
+from se_surgery.cli import main
+from se_surgery.integrations.zoo import load_model
 
 pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
 
@@ -89,7 +90,7 @@ def test_inspect_equalize_reload_and_export(tmp_path, capsys):
 
 
 def test_read_images_resizes_crops_and_normalizes(tmp_path):
-    from se_surgery.cli import read_images
+    from se_surgery.images import read_images
 
     folder = tmp_path / "grey"
     folder.mkdir()

@@ -17,8 +17,9 @@ import torch
 
 from ..checkpoint import restore
 from ..errors import UsageError
+from ..inputs import example_from_batch, model_device, to_device
 from ..state import RECIPE_KEY
-from ._common import calibrate_if_needed, equalize_in_place, example_from_batch
+from ._common import calibrate_if_needed, equalize_in_place
 
 
 class ScaleEqualization(pl.Callback):
@@ -62,12 +63,9 @@ class ScaleEqualization(pl.Callback):
             return
         example = self.example_inputs
         if example is None:
-            example = example_from_batch(next(iter(self._loader(trainer, pl_module))), "ScaleEqualization")
+            example = example_from_batch(next(iter(self._loader(trainer, pl_module))))
         model = self._model(pl_module)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                               example)
-        equalize_in_place(model, example, **self.options)
+        equalize_in_place(model, to_device(example, model_device(model)), **self.options)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)

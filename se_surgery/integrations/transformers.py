@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..inputs import model_device, to_device
 from ._common import calibrate_if_needed, equalize_in_place
 
 
@@ -38,10 +39,8 @@ class ScaleEqualizationCallback(TrainerCallback):
             options
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        device = next((p.device for p in model.parameters()), None)
-        example = {k: v.to(device) for k, v in self.example_inputs.items()} if isinstance(self.example_inputs, dict) \
-            else self.example_inputs  # None: equalize's default input
-        equalize_in_place(model, example, **self.options)
+        # None: equalize's default input, already on the model's device
+        equalize_in_place(model, to_device(self.example_inputs, model_device(model)), **self.options)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         calibrate_if_needed(model, train_dataloader, self.max_batches, self.input_fn)
