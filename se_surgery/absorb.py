@@ -31,6 +31,8 @@ def refusal(model: nn.Module, consumer: Consumer | None) -> FoldReason | None:
         return FoldReason.NO_CONSUMER
     if consumer.shared:
         return FoldReason.SHARED_CONSUMER
+    if consumer.grouped:
+        return FoldReason.NOT_PLAIN_CONSUMER
     path = consumer.weight.rsplit(".", 1)[0]
     try:
         module = model.get_submodule(path)

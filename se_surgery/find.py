@@ -235,7 +235,7 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
         if user.target in _CONVS and user.args[0] is node:
             args = list(user.args) + [None] * (7 - len(user.args))
             weight, bias, padding, groups = args[1], args[2], args[4], args[6]
-            if (groups or 1) != 1 or weight.name not in params:
+            if weight.name not in params:
                 return None
             kernel = _shape(weight)[2:]
             if padding == "same":
@@ -251,7 +251,8 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
                     bn = params.get(after.args[3].name)
             path.append(str(user.target).split(".")[1])
             return Consumer(params[weight.name], params.get(bias.name) if bias is not None else None, bn,
-                            (offset, offset + channels), padded, " -> ".join(path), shared=len(weight.users) > 1)
+                            (offset, offset + channels), padded, " -> ".join(path), shared=len(weight.users) > 1,
+                            grouped=(groups or 1) != 1)
         return None
 
 

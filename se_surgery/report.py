@@ -345,7 +345,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
                                    f"than on example_inputs.")
         mean, std = float(m.mean), float(m.std)
         grad, consumer = None, site.consumer
-        if consumer is not None:
+        if consumer is not None and not consumer.grouped:
             start, stop = consumer.channels
             g = probe.get_parameter(consumer.weight).grad
             grad = None if g is None else float((g[:, start:stop] / seen).pow(2).mean().sqrt())

@@ -22,6 +22,7 @@ class Consumer:
     zero_padded: bool           # zero padding makes the shift inexact at the borders
     path: str                   # the ops between the site and the consumer, for messages
     shared: bool = False        # its weight serves other calls too (one conv module applied to several branches)
+    grouped: bool = False       # a grouped conv: its weight slices are not per input channel, nothing is absorbed
 
 
 class CallKey(NamedTuple):

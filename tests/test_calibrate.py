@@ -1,11 +1,14 @@
-"""Calibration's target scale: the paper's unit scale, and ``scale="restore"`` (the scale before the upsampling)."""
+"""Calibration: the running moments, and the target scale (the paper's unit scale, or ``scale="restore"``: the
+scale before the upsampling)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from decoders import Small
 
 import se_surgery as se
+from se_surgery.calibrate import RunningMoments
 
 
 def _data(n=4, seed=0):
@@ -55,3 +58,22 @@ def test_restore_is_refused_where_it_has_no_meaning():
         se.equalize(model, (data[0],), scale="restore", progress=False)
     with pytest.raises(se.UsageError, match="use one of"):
         se.calibrate(se.equalize(model, (data[0],), progress=False), data, scale="fine", progress=False)
+
+
+def test_running_moments_match_numpy_on_a_large_badly_offset_input():
+    gen = np.random.default_rng(0)
+    chunks = [1e6 + gen.standard_normal(size) * 1e-2 for size in (10, 100_000, 3, 250_000, 1, 40_000)]
+    moments = RunningMoments()
+    for c in chunks:
+        moments.update(torch.from_numpy(c))
+    everything = np.concatenate(chunks)
+    assert moments.count == everything.size
+    assert moments.mean.item() == pytest.approx(everything.mean(), rel=1e-15, abs=1e-9)
+    assert moments.std.item() == pytest.approx(everything.std(), rel=1e-9)
+    # Per channel (dim 1 kept) equals numpy over the other axes.
+    x = gen.standard_normal((20, 3, 7, 5)) * np.array([1, 10, 100])[None, :, None, None] + 5
+    per = RunningMoments(dims=(0, 2, 3))
+    for part in np.split(x, 4):
+        per.update(torch.from_numpy(part))
+    np.testing.assert_allclose(per.mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-13)
+    np.testing.assert_allclose(per.std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-12)

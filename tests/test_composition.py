@@ -94,6 +94,7 @@ def _run(code: str, cwd: Path, *, stdin: str | None = None, args=()):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_a_saved_model_loads_where_its_code_lives_at_another_path(tmp_path):
     first, second = tmp_path / "clone_a", tmp_path / "clone_b"
     first.mkdir()
@@ -144,6 +145,7 @@ print(len(se.equalizers(eq)), len(got), round(got[0]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stdin", "-c"])
 def test_code_from_standard_input_and_python_c(tmp_path, how):
     if how == "stdin":

@@ -1,9 +1,9 @@
-"""Behaviour of equalize/calibrate beyond the zoo sweep: training semantics, numerics, errors, preserve_function."""
+"""Behaviour of equalize/calibrate on zoo models beyond the zoo sweep: training semantics, errors,
+preserve_function."""
 
 import copy
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,30 +11,12 @@ from torch import nn
 from zoo import batches, build, call, inputs
 
 import se_surgery as se
-from se_surgery.calibrate import RunningMoments
+
+pytestmark = pytest.mark.slow  # zoo models: not in the fast tier
 
 
 def _eq(name, **kw):
     return se.equalize(build(name), inputs(name, torch.randn(2, 3, 128, 128)), batches(name), progress=False, **kw)
-
-
-def test_running_moments_match_numpy_on_a_large_badly_offset_input():
-    gen = np.random.default_rng(0)
-    chunks = [1e6 + gen.standard_normal(size) * 1e-2 for size in (10, 100_000, 3, 250_000, 1, 40_000)]
-    moments = RunningMoments()
-    for c in chunks:
-        moments.update(torch.from_numpy(c))
-    everything = np.concatenate(chunks)
-    assert moments.count == everything.size
-    assert moments.mean.item() == pytest.approx(everything.mean(), rel=1e-15, abs=1e-9)
-    assert moments.std.item() == pytest.approx(everything.std(), rel=1e-9)
-    # Per channel (dim 1 kept) equals numpy over the other axes.
-    x = gen.standard_normal((20, 3, 7, 5)) * np.array([1, 10, 100])[None, :, None, None] + 5
-    per = RunningMoments(dims=(0, 2, 3))
-    for part in np.split(x, 4):
-        per.update(torch.from_numpy(part))
-    np.testing.assert_allclose(per.mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-13)
-    np.testing.assert_allclose(per.std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-12)
 
 
 def test_train_eval_state_dict_and_inplace():
@@ -184,40 +166,3 @@ def test_bad_calibration_data_gets_errors_that_name_the_site():
     with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0 has zero variance.*dead branch"):
         se.equalize(dead, (x,), [x], progress=False)
     assert not list(se.equalizers(model))  # the caller's model was never touched
-
-
-def test_rule_cases_on_hand_written_modules():
-    class Cases(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = nn.Upsample(scale_factor=2, mode="bilinear")
-            self.conv = nn.Conv2d(4, 4, 1)
-
-        def forward(self, a, b):
-            logits = F.interpolate(a, scale_factor=2, mode="bilinear")           # output only: no site
-            near = F.interpolate(b, scale_factor=2, mode="nearest")             # nearest: no site
-            lin = self.conv(self.up(b))                                         # linear, then a sum: site
-            act = torch.relu(F.interpolate(b, scale_factor=2, mode="bilinear"))  # nonlinear before the sum: no
-            return logits, near + lin + act
-
-    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    sites = se.find_sites(torch.export.export(Cases(), (a, b), strict=False))
-    assert [s.name for s in sites] == ["up.call0_resize0"]
-    assert sites[0].fusion == "add" and sites[0].factor == 2
-
-
-def test_shared_upsample_module_gets_one_equalizer_per_call():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up = nn.Upsample(scale_factor=2, mode="bilinear")
-
-        def forward(self, a, b):
-            return torch.cat([self.up(a), self.up(b), F.avg_pool2d(a, 1).repeat(1, 1, 2, 2)], 1)
-
-    a, b = torch.randn(2, 2, 4, 4), 10 * torch.randn(2, 2, 4, 4)
-    eq = se.equalize(Shared(), (a, b), [(a, b)], progress=False)
-    names = sorted(e.site.name for e in se.equalizers(eq))
-    assert names == ["up.call0_resize0", "up.call1_resize0"]
-    stds = sorted(e.std.item() for e in se.equalizers(eq))
-    assert stds[1] > 5 * stds[0]  # the second call's input is ten times larger: its own statistics

@@ -1,5 +1,6 @@
-"""Issue 10: every interpolating upsampler (linear 1-D, bilinear/bicubic 2-D with antialias, trilinear 3-D), through
-equalize -> calibrate -> a fine-tuning step -> fold -> ONNX, on MONAI models and hand-written 1-D/bicubic decoders."""
+"""1-D and 3-D models: every interpolating upsampler (linear 1-D, bilinear/bicubic 2-D with antialias, trilinear
+3-D), through equalize -> calibrate -> a fine-tuning step -> fold -> ONNX, on MONAI models and hand-written
+1-D/bicubic decoders."""
 
 import warnings
 

@@ -25,6 +25,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_quick_pair_resumes_reports_and_reruns_bit_for_bit(tmp_path):
     _run("--quick", "--only", "PSPNet,sgd,digits,0", "--out", str(tmp_path / "a"))
     rows = _rows(tmp_path / "a" / "results.jsonl")

@@ -1,4 +1,4 @@
-"""Issue 13: files from users are untrusted. ONNX external data is read from the model's own folder only, and a
+"""Files from users are untrusted. ONNX external data is read from the model's own folder only, and a
 checkpoint's recipe is checked against its schema before anything is built from it."""
 
 import json
@@ -58,6 +58,7 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, monkeypatc
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_too(tmp_path):
     _model_with_external(tmp_path / "models", _leaks(tmp_path)["parent"])
     done = subprocess.run([sys.executable, "-m", "se_surgery.cli", "fold", "model.onnx", "-o", "out.onnx"],

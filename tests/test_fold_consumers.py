@@ -1,4 +1,4 @@
-"""Issue 13: fold and preserve_function are exact, or leave the equalizer in place and say why, whatever wraps or
+"""Fold and preserve_function are exact, or leave the equalizer in place and say why, whatever wraps or
 shares the consumer conv."""
 
 import pytest
@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import se_surgery as se
+from se_surgery.state import FoldAction, FoldReason
 
 
 def _data(n=3, size=32):
@@ -95,5 +96,11 @@ def test_a_grouped_consumer():
     model.head.fuse = nn.Conv2d(12, 4, 1, groups=2)
     eq = _eq(model)
     x = torch.randn(1, 3, 40, 40)
+    folded = se.fold(eq)
     with torch.no_grad():
-        _close(se.fold(eq)(x), eq(x))
+        _close(folded(x), eq(x))
+    # nothing is absorbed into a grouped conv, and the record says why (not "meets an addition")
+    assert [(s.action, s.reason) for s in folded.scale_equalizers.folds] == \
+        [(FoldAction.MOVED, FoldReason.NOT_PLAIN_CONSUMER)] * 2
+    assert torch.equal(folded.head.fuse.weight, eq.head.fuse.weight)
+    assert "head.fuse is not a plain conv of its weight (grouped" in se.describe(folded)

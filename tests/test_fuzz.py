@@ -1,4 +1,4 @@
-"""Issue 13: random decoders (1-D/2-D/3-D, loops, helper methods, shared projections, every fusion kind), with
+"""Random decoders (1-D/2-D/3-D, loops, helper methods, shared projections, every fusion kind), with
 ground truth from the generator: sites as generated, fold exact, ONNX export and fold confirmed by onnxruntime."""
 
 import random

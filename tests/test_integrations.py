@@ -1,4 +1,4 @@
-"""Issue 14: where users train and ship: Lightning, the transformers Trainer, the zoos' own loaders."""
+"""Where users train and ship: Lightning, the transformers Trainer, the zoos' own loaders."""
 
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""Issue 8: an equalizer acts on exactly the tensor the graph pass found, or the forward raises SiteMismatchError.
+"""Site identity: an equalizer acts on exactly the tensor the graph pass found, or the forward raises
+SiteMismatchError.
 
 Each case below failed (silently or with a crash) on the counting runtime of se_surgery 0.1.
 """
@@ -17,7 +18,10 @@ from zoo import batches, build, call
 
 import se_surgery as se
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # each test draws the same numbers whatever runs before it
 
 
 def _by_hand(eq_model, name):
@@ -311,6 +315,7 @@ def test_a_near_dead_branch_is_refused_by_name():
         se.equalize(model, (x,), [x], progress=False)
 
 
+@pytest.mark.slow
 def test_a_branch_of_rounding_noise_gets_a_warning_that_names_it():
     import torchvision.models.segmentation as tvs
 
@@ -378,6 +383,7 @@ def test_import_needs_torch_alone_and_every_error_is_a_se_surgery_error(tmp_path
         assert issubclass(getattr(se, name), se.SeSurgeryError)
 
 
+@pytest.mark.slow
 def test_equalizers_is_a_list_and_the_model_holds_one_declared_state_object():
     eq = se.equalize(build("smp_DeepLabV3Plus"), (torch.randn(2, 3, 128, 128),), batches("smp_DeepLabV3Plus"),
                      progress=False)

@@ -1,4 +1,4 @@
-"""Every zoo model of the core issue: exact site counts, calibrated statistics, and a trainable result."""
+"""Every zoo model: exact site counts, calibrated statistics, and a trainable result."""
 
 import warnings
 
@@ -78,6 +78,11 @@ def test_zoo_model(name):
     trained = [n for n, p in eq.named_parameters() if p.grad is not None]
     assert trained and all(e.training for e in se.equalizers(eq))
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in eq.parameters())
+
+    # Its recipe is complete (tensor inputs only, shapes and dtypes recorded): it restores into a fresh build.
+    fresh = BUILDERS[name]()
+    se.restore(fresh, eq.state_dict())
+    assert [e.name for e in se.equalizers(fresh)] == [e.name for e in se.equalizers(eq)]
 
 
 def test_hf_labels_still_give_a_loss():
