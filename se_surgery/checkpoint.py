@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from .equalize import equalize
 from .errors import UsageError
 from .inputs import model_device
+from .integrations.zoo import from_pretrained, saved_by_transformers
 from .runtime import detach, equalizers
 from .state import RECIPE_KEY, decode, encode, registry
 
@@ -103,7 +103,7 @@ def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, str
         ``model``, equalized at the same sites as the saved one, with all saved weights and statistics loaded.
     """
     if isinstance(model, type):
-        model = _from_pretrained(model, source)
+        model = from_pretrained(model, source)
     state = _model_entries(read_state_dict(source), source, prefix)
     recipe = decode(state[RECIPE_KEY], _name(source))
     if registry(model) is not None:
@@ -135,7 +135,7 @@ def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, str
     for eq in equalizers(model):  # se_surgery.fold folded these away before the model was saved
         if eq.site.module_name not in saved:
             detach(model, eq, keep_registry=True)
-    if _transformers_folder(source):
+    if saved_by_transformers(source):
         # transformers renames keys when it saves; from_pretrained has loaded the model's own weights already.
         ours = {k: v for k, v in state.items() if k.startswith("scale_equalizers.")}
         others = {k: v for k, v in state.items() if k not in ours}
@@ -173,44 +173,6 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
         raise UsageError(f"{_name(source)} has no {prefix + RECIPE_KEY} entry: no equalized model under the prefix "
                          f"{prefix!r}.")
     return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
-
-
-_CLASS_LOCK = threading.Lock()
-
-
-def _from_pretrained(cls: type, source: Any) -> nn.Module:
-    """``cls.from_pretrained(source)`` for a class of transformers or smp, expecting the equalizers' entries."""
-    if not hasattr(cls, "from_pretrained") or not isinstance(source, (str, os.PathLike)) or \
-            not Path(source).is_dir():
-        raise UsageError(f"se_surgery.restore({cls.__name__}, ...) builds the model with {cls.__name__}."
-                         f"from_pretrained, which needs a class that has it and a save_pretrained folder; pass a "
-                         f"built model otherwise.")
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        PreTrainedModel = ()  # noqa: N806
-    if PreTrainedModel and issubclass(cls, PreTrainedModel):
-        # transformers reads this class attribute when it builds the model; set it for this call only
-        with _CLASS_LOCK:
-            before = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
-            cls._keys_to_ignore_on_load_unexpected = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None)
-                                                        or []), r"^scale_equalizers\."]
-            try:
-                return cls.from_pretrained(source)
-            finally:
-                if before is _UNSET:
-                    del cls._keys_to_ignore_on_load_unexpected
-                else:
-                    cls._keys_to_ignore_on_load_unexpected = before
-    return cls.from_pretrained(source, strict=False)  # huggingface_hub's mixin (smp): restore loads strictly
-
-
-_UNSET = object()
-
-
-def _transformers_folder(source: Any) -> bool:
-    config = Path(source) / "config.json" if isinstance(source, (str, os.PathLike)) else None
-    return config is not None and config.exists() and "transformers_version" in json.loads(config.read_text())
 
 
 def _fingerprints(tensors) -> set[tuple]:

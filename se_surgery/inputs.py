@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import CalibrationError, UsageError
+from .integrations.zoo import declared_inputs
 
 ExampleInputs = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
 InputForm = tuple[str, Any]  # ("args", count) or ("kwargs", names): how a model was equalized
@@ -37,8 +38,8 @@ def default_example(model: nn.Module) -> ExampleInputs:
     """An example input built from what the model declares: its first convolution's channels and dimensions (or
     a transformers config's ``num_channels`` and main input name), batch 1, at :data:`DEFAULT_SIZE`."""
     conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    config = getattr(model, "config", None)
-    channels = getattr(config, "num_channels", None) or (conv.in_channels if conv is not None else None)
+    declared, name = declared_inputs(model)
+    channels = declared or (conv.in_channels if conv is not None else None)
     if channels is None:
         raise UsageError(f"{type(model).__name__} has no convolution to tell its input channels from: pass "
                          f"example_inputs (a tensor, a tuple or a dict of the model's inputs).")
@@ -46,7 +47,6 @@ def default_example(model: nn.Module) -> ExampleInputs:
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     x = torch.randn(1, channels, *[DEFAULT_SIZE[dims]] * dims, dtype=ref.dtype if ref is not None else None,
                     device=ref.device if ref is not None else None)
-    name = getattr(model, "main_input_name", None) if config is not None else None
     return {name: x} if name else (x,)
 
 

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import OnnxError
 from .inputs import ExampleInputs, split_inputs
+from .integrations.zoo import export_hint
 from .modes import eval_mode
 from .runtime import check_attached, equalizers
 
@@ -279,10 +280,7 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynam
                                     or None, dynamo=True, dynamic_shapes=shapes, verbose=False)
     except Exception as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        extra = (f" transformers models using {attention!r} attention often export only with eager attention: load "
-                 f"the model with attn_implementation='eager' (from_pretrained or the config) and export again."
-                 if attention not in (None, "eager") else "")
+        extra = export_hint(model)
         kind = _NoDynamicExport if dynamic_spatial else OnnxError
         raise kind(f"torch.onnx.export could not export {type(model).__name__} ({first[:300]}). This happens "
                    f"without se_surgery too; try dynamic_spatial=False, or export the original model and fold with "

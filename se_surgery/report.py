@@ -20,9 +20,10 @@ from torch import nn
 
 from .calibrate import RunningMoments, input_batches
 from .equalize import equalize
-from .errors import CalibrationError, UsageError
+from .errors import CalibrationError
 from .files import atomic_write
 from .inputs import ExampleInputs, model_device
+from .integrations.zoo import main_logits
 from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 
@@ -258,20 +259,6 @@ def _csv_cell(value: Any) -> Any:
     return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else value
 
 
-def _logits(output: Any) -> torch.Tensor:
-    """The main prediction of a segmentation model's output (tensor, torchvision dict, transformers output)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict):
-        return output["out"] if "out" in output else next(v for v in output.values() if isinstance(v, torch.Tensor))
-    if isinstance(output, (tuple, list)):
-        return next(v for v in output if isinstance(v, torch.Tensor))
-    raise UsageError(f"scale_report cannot find the logits in a model output of type {type(output).__name__}: "
-                     f"return a tensor, a dict with 'out', or an object with .logits.")
-
-
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
                  progress: bool = True, input_fn: Callable[[Any], Any] | None = None) -> ScaleReport:
@@ -324,7 +311,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     for _index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
                                             desc="measuring scales", input_fn=input_fn):
         with torch.set_grad_enabled(bool(weights)):
-            logits = _logits(probe(*args, **kwargs))
+            logits = main_logits(probe(*args, **kwargs))
             if weights:
                 target = next(labels, None)
                 target = logits.argmax(1) if target is None else target.to(device).long()

@@ -1,7 +1,95 @@
-"""Model specs of the command line: ``torchvision:NAME``, ``smp:NAME?key=value&...``, ``hf:CONFIG_OR_FOLDER``,
-``path/file.py:factory``. The one place that builds a model by its zoo's name."""
+"""What se_surgery knows of the model zoos (torchvision, smp, transformers): the one place that names them.
+
+The core asks through these functions: the inputs a model declares (:func:`declared_inputs`), the logits in its
+output (:func:`main_logits`), a hint when export fails (:func:`export_hint`), building a model from a
+``save_pretrained`` folder that holds equalizers (:func:`from_pretrained`, :func:`saved_by_transformers`), and the
+command line's model specs (:func:`load_model`: ``torchvision:NAME``, ``smp:NAME?key=value&...``,
+``hf:CONFIG_OR_FOLDER``, ``path/file.py:factory``).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+
+def declared_inputs(model: nn.Module) -> tuple[int | None, str | None]:
+    """(input channels, keyword name of the main input) as a transformers config declares them, else (None, None)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None, None
+    return getattr(config, "num_channels", None), getattr(model, "main_input_name", None)
+
+
+def main_logits(output: Any) -> torch.Tensor:
+    """The main prediction of a segmentation model's output (tensor, torchvision dict, transformers output)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict):
+        return output["out"] if "out" in output else next(v for v in output.values() if isinstance(v, torch.Tensor))
+    if isinstance(output, (tuple, list)):
+        return next(v for v in output if isinstance(v, torch.Tensor))
+    raise UsageError(f"scale_report cannot find the logits in a model output of type {type(output).__name__}: "
+                     f"return a tensor, a dict with 'out', or an object with .logits.")
+
+
+def export_hint(model: nn.Module) -> str:
+    """What to try when torch.onnx.export fails on this model ("" when nothing specific is known)."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention in (None, "eager"):
+        return ""
+    return (f" transformers models using {attention!r} attention often export only with eager attention: load the "
+            f"model with attn_implementation='eager' (from_pretrained or the config) and export again.")
+
+
+_CLASS_LOCK = threading.Lock()
+
+
+def from_pretrained(cls: type, source: Any) -> nn.Module:
+    """``cls.from_pretrained(source)`` for a class of transformers or smp, expecting the equalizers' entries."""
+    if not hasattr(cls, "from_pretrained") or not isinstance(source, (str, os.PathLike)) or \
+            not Path(source).is_dir():
+        raise UsageError(f"se_surgery.restore({cls.__name__}, ...) builds the model with {cls.__name__}."
+                         f"from_pretrained, which needs a class that has it and a save_pretrained folder; pass a "
+                         f"built model otherwise.")
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()  # noqa: N806
+    if PreTrainedModel and issubclass(cls, PreTrainedModel):
+        # transformers reads this class attribute when it builds the model; set it for this call only
+        with _CLASS_LOCK:
+            before = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+            cls._keys_to_ignore_on_load_unexpected = [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None)
+                                                        or []), r"^scale_equalizers\."]
+            try:
+                return cls.from_pretrained(source)
+            finally:
+                if before is _UNSET:
+                    del cls._keys_to_ignore_on_load_unexpected
+                else:
+                    cls._keys_to_ignore_on_load_unexpected = before
+    return cls.from_pretrained(source, strict=False)  # huggingface_hub's mixin (smp): restore loads strictly
+
+
+_UNSET = object()
+
+
+def saved_by_transformers(source: Any) -> bool:
+    """Whether ``source`` is a transformers ``save_pretrained`` folder (its keys are renamed on saving)."""
+    config = Path(source) / "config.json" if isinstance(source, (str, os.PathLike)) else None
+    return config is not None and config.exists() and "transformers_version" in json.loads(config.read_text())
+
 
 
 def load_model(spec: str):
