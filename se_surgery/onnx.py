@@ -17,9 +17,7 @@ PyTorch) before it is written; a fold that cannot be confirmed is not written, a
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,10 +64,6 @@ class FoldReport:
         return "\n".join(lines)
 
 
-def _relative_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
-    return max(float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12)) for g, e in zip(got, expected))
-
-
 def fold_onnx(source: str | os.PathLike, destination: str | os.PathLike, *, check_sizes: tuple[int, ...] = (128, 160),
               tolerance: float = 1e-5) -> FoldReport:
     """Fold the scale equalizers of an ONNX file into a new, self-contained file, checked by onnxruntime.
@@ -88,22 +82,24 @@ def fold_onnx(source: str | os.PathLike, destination: str | os.PathLike, *, chec
         A :class:`FoldReport`. Equalizers are found by pattern: a Resize, then constant Sub/Add and Div/Mul, meeting
         a Concat or Add. A graph with nothing to fold is written unchanged, and the report says so.
     """
-    from . import onnx_graph as g
+    from .onnx_check import random_feeds, relative_error, session
+    from .onnx_graph import fold_graph
+    from .onnx_io import load, write
 
-    original, inputs = g.load(source)
+    original, inputs = load(source)
     model = ir_copy(original)
     report = FoldReport(nodes_before=len(list(original.graph)), path=os.fspath(destination))
-    report.folds = g.fold_graph(model)
+    report.folds = fold_graph(model)
     report.nodes_after = len(list(model.graph))
     if report.folds:
-        feeds = g.random_feeds(model, check_sizes, seed=0)
-        before, after = g.session(original), g.session(model)
-        report.max_abs_error = max(_relative_error(after.run(None, f), before.run(None, f)) for f in feeds)
+        feeds = random_feeds(model, check_sizes, seed=0)
+        before, after = session(original), session(model)
+        report.max_abs_error = max(relative_error(after.run(None, f), before.run(None, f)) for f in feeds)
         report.checked_shapes = [tuple(next(iter(f.values())).shape) for f in feeds]
         if not report.max_abs_error <= tolerance:
             raise OnnxError(f"onnxruntime does not confirm the fold (error {report.max_abs_error:.3g} > "
                             f"{tolerance:g}); nothing was written.")
-    g.write(model, destination, inputs)
+    write(model, destination, inputs)
     return report
 
 
@@ -142,6 +138,8 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     """
     check_attached(model)
     args, kwargs = split_inputs(example_inputs)
+    job = _Export(args, kwargs, os.fspath(path), dynamic_batch, tuple(check_inputs or ()), tolerance,
+                  export_tolerance, fold)
     notes = []
     if dynamic_spatial is None:
         pooled = [name for name, m in model.named_modules() if isinstance(m, _ADAPTIVE) and
@@ -152,15 +150,13 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
             dynamic_spatial = False
         else:
             try:
-                return _export(model, args, kwargs, example_inputs, path, True, dynamic_batch, check_inputs,
-                               tolerance, export_tolerance, fold, notes)
+                return _export(model, job, True, notes)
             except _OtherSize as error:
                 notes.append(f"height/width are static: the dynamic export failed "
                              f"{'to export' if isinstance(error, _NoDynamicExport) else 'its check at another size'} "
                              f"({str(error).split('. ')[0]})")
                 dynamic_spatial = False
-    return _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_batch, check_inputs,
-                   tolerance, export_tolerance, fold, notes)
+    return _export(model, job, dynamic_spatial, notes)
 
 
 class _OtherSize(OnnxError):
@@ -179,35 +175,48 @@ def _tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_batch, check_inputs, tolerance,
-            export_tolerance, fold, notes) -> FoldReport:
-    from . import onnx_graph as g
+@dataclass(frozen=True)
+class _Export:
+    """What export_onnx was asked, once: the same for the dynamic try and the static fallback."""
 
-    with eval_mode(model), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "unfolded.onnx"
-        _torch_export(model, args, kwargs, raw, dynamic_spatial, dynamic_batch)
-        unfolded, _ = g.load(raw)
-        g.name_dims(unfolded)
+    args: tuple
+    kwargs: dict
+    path: str
+    dynamic_batch: bool
+    check_inputs: tuple
+    tolerance: float
+    export_tolerance: float
+    fold: bool
+
+
+def _export(model: nn.Module, job: _Export, dynamic_spatial: bool, notes: list[str]) -> FoldReport:
+    from .onnx_check import relative_error, session
+    from .onnx_graph import fold_graph, name_dims
+    from .onnx_io import write
+
+    path, args, kwargs = job.path, job.args, job.kwargs
+    with eval_mode(model), torch.no_grad():
+        unfolded = _torch_export(model, args, kwargs, dynamic_spatial, job.dynamic_batch)  # in memory, no file
+        name_dims(unfolded)
         folded = ir_copy(unfolded)
-        report = FoldReport(folds=g.fold_graph(folded, [eq.site for eq in equalizers(model)]) if fold else [],
+        report = FoldReport(folds=fold_graph(folded, [eq.site for eq in equalizers(model)]) if job.fold else [],
                             nodes_before=len(list(unfolded.graph)), nodes_after=len(list(folded.graph)),
-                            path=os.fspath(path), export_error=0.0,
+                            path=path, export_error=0.0,
                             inputs={v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
                                     for v in unfolded.graph.inputs}, notes=list(notes))
         first = unfolded.graph.inputs[0].shape
-        batch = 3 if dynamic_batch and not isinstance(first[0], int) else None
-        if dynamic_batch and batch is None:
+        batch = 3 if job.dynamic_batch and not isinstance(first[0], int) else None
+        if job.dynamic_batch and batch is None:
             report.notes.append(f"the batch stays fixed at {first[0]}: torch.onnx.export specialised it (the model's "
                                 f"graph bakes the batch size in, e.g. in a reshape)")
-        checks = [("example_inputs", example_inputs)]
+        checks = [("example_inputs", args, kwargs)]
         if batch or dynamic_spatial:
             checks.append((f"a random input at batch {batch or 'as given'}"
                            + (", 32 px larger" if dynamic_spatial else ""),
-                           _other_input(args, kwargs, batch, 32 if dynamic_spatial else 0)))
-        checks += [(f"check_inputs[{i}]", c) for i, c in enumerate(check_inputs or [])]
-        before, after = g.session(unfolded), g.session(folded)
-        for label, inputs in checks:
-            c_args, c_kwargs = split_inputs(inputs)
+                           *split_inputs(_other_input(args, kwargs, batch, 32 if dynamic_spatial else 0))))
+        checks += [(f"check_inputs[{i}]", *split_inputs(c)) for i, c in enumerate(job.check_inputs)]
+        before, after = session(unfolded), session(folded)
+        for label, c_args, c_kwargs in checks:
             try:
                 outputs = model(*c_args, **c_kwargs)
             except Exception as error:  # the model's own error at another size
@@ -223,19 +232,19 @@ def _export(model, args, kwargs, example_inputs, path, dynamic_spatial, dynamic_
             shape = tuple(tensors[0].shape)
             baked = label != "example_inputs" and not label.startswith("check_inputs")
             reference = _run(before, feed, f"the unfolded export on {label} {shape}", path, baked)
-            exported = _relative_error(reference[:len(expected)], expected)
-            if not exported <= export_tolerance:
+            exported = relative_error(reference[:len(expected)], expected)
+            if not exported <= job.export_tolerance:
                 kind = _OtherSize if baked else OnnxError
                 raise kind(f"torch.onnx.export's graph (before folding) differs from PyTorch by {exported:.3g} on "
                            f"{label} {shape}. {_hint(baked)}{path} was not written.")
-            error = _relative_error(_run(after, feed, f"the folded graph on {label} {shape}", path, baked), reference)
-            if not error <= tolerance:
+            error = relative_error(_run(after, feed, f"the folded graph on {label} {shape}", path, baked), reference)
+            if not error <= job.tolerance:
                 raise OnnxError(f"the folded graph differs from the unfolded one by {error:.3g} on {label} "
                                 f"{shape}; {path} was not written.")
             report.max_abs_error = max(report.max_abs_error, error)
             report.export_error = max(report.export_error, exported)
             report.checked_shapes.append(shape)
-        g.write(folded, path, [])
+        write(folded, path, [])
     return report
 
 
@@ -260,8 +269,8 @@ def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
                                                    f"{_hint(baked)}{path} was not written.") from error
 
 
-def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynamic_spatial: bool,
-                  dynamic_batch: bool) -> None:
+def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_spatial: bool, dynamic_batch: bool):
+    """torch.onnx.export's graph, as the onnx-ir model it builds in memory."""
     def dims(value: Any):
         if not isinstance(value, torch.Tensor):
             return None
@@ -285,7 +294,7 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: dict, path: Path, dynam
         raise kind(f"torch.onnx.export could not export {type(model).__name__} ({first[:300]}). This happens "
                    f"without se_surgery too; try dynamic_spatial=False, or export the original model and fold with "
                    f"se_surgery.fold first.{extra}") from error
-    program.save(os.fspath(path))
+    return program.model
 
 
 def _other_input(args: tuple, kwargs: dict, batch: int | None, grow: int) -> ExampleInputs:
