@@ -232,71 +232,80 @@ def decode(value: Any, where: str = "the checkpoint") -> dict:
     return _validated(state, bad)
 
 
+def _names(value: Any, limit: int = 100_000) -> bool:
+    return isinstance(value, list) and len(value) <= limit and \
+        all(isinstance(v, str) and len(v) < 1000 for v in value)
+
+
+def _shape(value: Any) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= MAX_RANK and \
+        all(type(d) is int and 0 < d <= MAX_DIM for d in value) and torch.Size(value).numel() <= MAX_ELEMENTS
+
+
+# The recipe's schema: field -> (check, what the field must be). Every field a recipe may hold is here.
+_FIELDS: dict[str, tuple[Any, str]] = {
+    "version": (lambda v: type(v) is int and v in (1, VERSION), f"version 1 or {VERSION}"),
+    "input_kind": (lambda v: v in ("args", "kwargs"), "'args' or 'kwargs'"),
+    "input_names": (_names, "a list of names"),
+    "shapes": (lambda v: isinstance(v, list) and 0 < len(v) <= MAX_INPUTS and all(map(_shape, v)),
+               f"a list of 1 to {MAX_INPUTS} shapes of rank 1-{MAX_RANK}, sizes 1-{MAX_DIM} and at most "
+               f"{MAX_ELEMENTS} elements"),
+    "dtypes": (lambda v: isinstance(v, list) and all(d in DTYPES for d in v), f"a list of {DTYPES}"),
+    "per_channel": (lambda v: type(v) is bool, "true or false"),
+    "branches": (lambda v: v in ("upsampled", "all"), "'upsampled' or 'all'"),
+    "sites": (lambda v: _names(v) and len(set(v)) == len(v), "a list of distinct site names"),
+    "output_change": (lambda v: v is None or type(v) in (int, float), "a number or null"),
+    "folds": (lambda v: isinstance(v, list), "a list of fold steps"),
+    "equalizers": (lambda v: isinstance(v, dict), "an object of per-equalizer records"),
+}
+_OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}}
+# A fold step's fields and a per-equalizer record's fields, with their types (an enum: one of its values).
+_STEP = {"site": str, "action": FoldAction, "reason": FoldReason, "consumer": str}
+_RECORD = {"compensation": Compensation, "folded": FoldAction, "before_resize": bool}
+
+
+def _typed(fields: Any, schema: dict) -> bool:
+    def fits(value: Any, kind: type) -> bool:
+        return isinstance(value, str) and value in set(kind) if issubclass(kind, StrEnum) else type(value) is kind
+
+    return isinstance(fields, dict) and set(fields) == set(schema) and all(fits(fields[k], t)
+                                                                         for k, t in schema.items())
+
+
 def _validated(state: dict, bad) -> dict:
-    version = state.get("version")
-    if version not in (1, VERSION) or isinstance(version, bool):
-        raise bad(f"has version {version!r}; this se_surgery reads versions 1 and {VERSION}")
-    required = {"version", "input_kind", "input_names", "shapes", "dtypes", "per_channel", "branches", "sites"}
-    known = required | {"output_change", "folds", "equalizers"}
-    missing, unknown = sorted(required - set(state)), sorted(set(state) - known)
+    """The recipe checked against :data:`_FIELDS`, then across fields; version-1 records translated."""
+    missing = sorted(set(_FIELDS) - set(_OPTIONAL) - set(state))
+    unknown = sorted(set(state) - set(_FIELDS))
     if missing or unknown:
         raise bad(f"lacks {missing}" if missing else f"has fields no se_surgery version writes: {unknown[:5]}")
-
-    def strings(name: str, value: Any, limit: int = 100_000) -> list[str]:
-        if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, str) and len(v) < 1000
-                                                                         for v in value):
-            raise bad(f"field {name!r} is not a list of names")
-        return value
-
-    if state["input_kind"] not in ("args", "kwargs"):
-        raise bad("field 'input_kind' is not 'args' or 'kwargs'")
-    names, dtypes, sites = (strings(k, state[k]) for k in ("input_names", "dtypes", "sites"))
-    if len(set(sites)) != len(sites):
-        raise bad("field 'sites' names a site twice")
-    shapes = state["shapes"]
-    if not isinstance(shapes, list) or not 0 < len(shapes) <= MAX_INPUTS:
-        raise bad(f"field 'shapes' is not a list of 1 to {MAX_INPUTS} shapes")
-    for shape in shapes:
-        if not isinstance(shape, list) or not 0 < len(shape) <= MAX_RANK or \
-                not all(type(d) is int and 0 < d <= MAX_DIM for d in shape):
-            raise bad(f"field 'shapes' holds {str(shape)[:80]}, not a shape of rank 1-{MAX_RANK} with sizes "
-                      f"1-{MAX_DIM}")
-        if torch.Size(shape).numel() > MAX_ELEMENTS:
-            raise bad(f"field 'shapes' holds {shape}: more than {MAX_ELEMENTS} elements, larger than any example")
-    if len(dtypes) != len(shapes) or any(d not in DTYPES for d in dtypes):
-        raise bad(f"field 'dtypes' is not one of {DTYPES} per shape")
-    if state["input_kind"] == "kwargs" and len(names) != len(shapes):
+    state = {**_OPTIONAL, **state}
+    for name, (ok, what) in _FIELDS.items():
+        if not ok(state[name]):
+            raise bad(f"field {name!r} is not {what}" + (f" ({str(state[name])[:80]})" if name == "shapes" else ""))
+    sites, version = state["sites"], state["version"]
+    if len(state["dtypes"]) != len(state["shapes"]):
+        raise bad("field 'dtypes' does not give one dtype per shape")
+    if state["input_kind"] == "kwargs" and len(state["input_names"]) != len(state["shapes"]):
         raise bad("field 'input_names' does not give one name per shape")
-    if type(state["per_channel"]) is not bool:
-        raise bad("field 'per_channel' is not true or false")
-    if state["branches"] not in ("upsampled", "all"):
-        raise bad("field 'branches' is not 'upsampled' or 'all'")
-    change = state.setdefault("output_change", None)
-    if change is not None and (type(change) not in (int, float)):
-        raise bad("field 'output_change' is not a number")
 
-    folds = state.setdefault("folds", [])
-    if not isinstance(folds, list) or len(folds) > len(sites):
-        raise bad("field 'folds' is not a list of at most one step per site")
-    checked_folds = []
-    for step in folds:
-        if not isinstance(step, dict) or not isinstance(step.get("site"), str) or step["site"] not in sites:
+    if len(state["folds"]) > len(sites):
+        raise bad("field 'folds' holds more than one step per site")
+    folds = []
+    for step in state["folds"]:
+        if not isinstance(step, dict) or step.get("site") not in sites:
             raise bad(f"field 'folds' holds {str(step)[:80]}, not a step at one of its sites")
         if version == 1:
             action = next((a for text, a in _V1_ACTION.items() if str(step.get("action", "")).startswith(text)),
                           None)
             step = {"site": step["site"], "action": action, "reason": "", "consumer": ""}
-        if set(step) != {"site", "action", "reason", "consumer"} or step["action"] not in set(FoldAction) or \
-                step["reason"] not in set(FoldReason) or not isinstance(step["consumer"], str):
+        if not _typed(step, _STEP):
             raise bad(f"field 'folds' holds {str(step)[:80]}, not a fold step")
-        checked_folds.append(step)
-    state["folds"] = checked_folds
+        folds.append(step)
 
-    per = state.setdefault("equalizers", {})
-    if not isinstance(per, dict) or len(per) > len(sites):
-        raise bad("field 'equalizers' is not an object of at most one entry per site")
-    module_names = {s.replace(".", "_") for s in sites}
-    checked = {}
+    per, module_names = state["equalizers"], {s.replace(".", "_") for s in sites}
+    if len(per) > len(sites):
+        raise bad("field 'equalizers' holds more than one entry per site")
+    records = {}
     for name, fields_ in per.items():
         if name not in module_names or not isinstance(fields_, dict):
             raise bad(f"field 'equalizers' has an entry {name[:80]!r} that is not one of its sites")
@@ -307,12 +316,8 @@ def _validated(state: dict, bad) -> dict:
                        "folded": FoldAction.SCALE_FOLDED if str(fields_.get("folded", "")).startswith("scale into")
                        else FoldAction.MOVED if fields_.get("folded") else FoldAction.NONE,
                        "before_resize": fields_.get("before_resize", False)}
-        if set(fields_) != {"compensation", "folded", "before_resize"} or \
-                fields_["compensation"] not in set(Compensation) or fields_["folded"] not in set(FoldAction) or \
-                type(fields_["before_resize"]) is not bool:
+        if not _typed(fields_, _RECORD):
             raise bad(f"field 'equalizers' has an entry for {name!r} with other fields or values than "
                       f"compensation, folded and before_resize")
-        checked[name] = fields_
-    state["equalizers"] = checked
-    state["version"] = VERSION
-    return state
+        records[name] = fields_
+    return {**state, "folds": folds, "equalizers": records, "version": VERSION}
