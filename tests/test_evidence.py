@@ -58,3 +58,14 @@ def test_a_recorded_pair_reruns_within_the_stated_spread(tmp_path):
     again = {r["arm"]: r["miou"] for r in _rows(tmp_path / "results.jsonl")}
     assert abs(again["baseline"] - by[(0, "baseline")]) <= SPREADS * statistics.stdev(base)
     assert abs(again["equalized"] - again["baseline"] - statistics.mean(diffs)) <= SPREADS * statistics.stdev(diffs)
+
+
+@pytest.mark.slow
+def test_the_gpu_preset_runs_the_same_design_and_reports_apart(tmp_path):
+    # the preset's plumbing on the CPU (the GPU itself is not here): ResNet-50, rows marked, its own table rows
+    out = _run("--preset", "gpu", "--device", "cpu", "--quick", "--only", "PSPNet,sgd,shapes,0", "--arms",
+               "baseline,restore", "--out", str(tmp_path))
+    rows = _rows(tmp_path / "results.jsonl")
+    assert [(r["arm"], r["preset"], r["encoder"], r["device"]) for r in rows] == \
+        [("baseline", "gpu", "resnet50", "cpu"), ("restore", "gpu", "resnet50", "cpu")]
+    assert "| PSPNet | sgd | shapes | gpu | 1 |" in out
