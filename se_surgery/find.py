@@ -27,38 +27,10 @@ from collections import defaultdict
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .ops import ADDITIVE_OPS, FUSION_OPS, LIST_FUSION_OPS, RESIZE_OPS
+from .ops import CHANNEL_KEEPING, CONVS, FUSION_OPS, LINEAR, PARAMETRIZED, PRODUCTS, RESIZE_OPS, branch_inputs
 from .site import Consumer, Site, source_key_in_trace
 
 aten = torch.ops.aten
-
-_ADDITIVE = set(ADDITIVE_OPS)
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
-          aten.conv3d.padding}
-# Ops that take the branch as their data input (argument 0) and stay linear in it.
-_PARAMETRIZED = _CONVS | {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
-                          aten.linear.default}
-_LINEAR = _PARAMETRIZED | set(RESIZE_OPS) | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.transpose.int,
-    aten.contiguous.default, aten.clone.default, aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.default, aten.squeeze.dims, aten.expand.default, aten.expand_as.default, aten.slice.Tensor,
-    aten.select.int, aten.dropout.default, aten.feature_dropout.default, aten.dropout_.default,
-    aten.feature_dropout_.default, aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default,
-    aten.pad.default, aten.constant_pad_nd.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
-    aten.replication_pad3d.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
-    aten.reflection_pad3d.default, aten.avg_pool1d.default, aten.avg_pool2d.default,
-    aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
-    aten.adaptive_avg_pool3d.default, aten.neg.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
-    aten.div.Scalar, aten.matmul.default, aten.bmm.default, aten.mm.default, aten.upsample_nearest1d.vec,
-    aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.chunk.default, aten.unbind.int, aten.im2col.default, aten.col2im.default,
-}
-# Products: linear in the branch only where every other operand is a constant or a weight. A product with another
-# data-dependent tensor (a gate ``f * up(att)``, attention weights) is not a linear passage of the branch.
-_PRODUCTS = {aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.bmm.default, aten.mm.default}
-_CHANNEL_KEEPING = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.dropout.default,
-                    aten.feature_dropout.default, aten.dropout_.default, aten.feature_dropout_.default}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Graph preparation: inline higher-order-op subgraphs (no_grad / autocast regions) so the pass sees every op.
@@ -145,16 +117,14 @@ def _data_dependent(graph: Graph, user_inputs: set[str]) -> set[Node]:
 
 
 def _fusion_inputs(node: Node) -> list:
-    if node.target in LIST_FUSION_OPS:
-        return list(node.args[0])
-    return list(node.args[:2])
+    return branch_inputs(FUSION_OPS[node.target], node.args, node.kwargs)
 
 
 def _fusion_kind(node: Node, live: set[Node]) -> str | None:
     if node.op != "call_function" or node.target not in FUSION_OPS:
         return None
     tensors = [t for t in _fusion_inputs(node) if isinstance(t, Node) and t in live]
-    return FUSION_OPS[node.target] if len(tensors) >= 2 else None
+    return FUSION_OPS[node.target].kind if len(tensors) >= 2 else None
 
 
 def _closure(node: Node, step) -> set[Node]:
@@ -187,13 +157,13 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
                     found.append((user, node))
                     continue
                 todo.append(user)  # a residual of the branch itself
-            elif user.target in _LINEAR or user.target is operator.getitem:
-                if user.target in _PARAMETRIZED and user.args[0] is not node:
+            elif user.target in LINEAR or user.target is operator.getitem:
+                if user.target in PARAMETRIZED and user.args[0] is not node:
                     continue  # the branch is a weight here, not the data
-                if user.target in _PRODUCTS and sum(isinstance(a, Node) and a in live for a in user.args[:2]) > 1:
+                if user.target in PRODUCTS and sum(isinstance(a, Node) and a in live for a in user.args[:2]) > 1:
                     continue  # gated or attended by another data-dependent tensor (or squared): not linear
                 todo.append(user)
-            elif user.target in _ADDITIVE:
+            elif user.target in FUSION_OPS and not FUSION_OPS[user.target].listed:
                 todo.append(user)  # adding a constant (a bias, an equalizer's mean) keeps the branch linear
     return found
 
@@ -215,13 +185,13 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
             (user,) = node.users
         if user.op != "call_function":
             return None
-        if user.target in _CHANNEL_KEEPING or (user.target == aten.pad.default and len(user.args) > 2 and
+        if user.target in CHANNEL_KEEPING or (user.target == aten.pad.default and len(user.args) > 2 and
                                                user.args[2] in ("replicate", "reflect")):
             # (edge padding copies pixels: it commutes with a per-channel affine map, unlike zero padding)
             node = user
             path.append(str(user.target).split(".")[1])
             continue
-        if user.target in LIST_FUSION_OPS and LIST_FUSION_OPS[user.target] == "cat":
+        if user.target in FUSION_OPS and FUSION_OPS[user.target].kind == "cat":
             dim = user.args[1] if len(user.args) > 1 else 0
             if dim not in (1, 1 - len(_shape(user))) or offset:
                 return None
@@ -232,7 +202,7 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
             node = user
             path.append("cat")
             continue
-        if user.target in _CONVS and user.args[0] is node:
+        if user.target in CONVS and user.args[0] is node:
             args = list(user.args) + [None] * (7 - len(user.args))
             weight, bias, padding, groups = args[1], args[2], args[4], args[6]
             if weight.name not in params:
@@ -336,7 +306,7 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
                 if not isinstance(other, Node) or other in carried or other not in live:
                     continue
                 found.append((other, dict(identity(fusion, "fusion"), kind="branch", arg=arg,
-                                          fusion=FUSION_OPS[fusion.target], shape=_shape(other), in_size=None,
+                                          fusion=FUSION_OPS[fusion.target].kind, shape=_shape(other), in_size=None,
                                           mode=None, align_corners=None, consumer=_consumer(other, sig, fusion),
                                           joins=fusion_name(fusion))))
 

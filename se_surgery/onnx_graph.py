@@ -14,6 +14,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from .absorb import absorbed
+from .ops import ONNX_FUSIONS, ONNX_LINEAR
 
 _AFFINE = {"Sub", "Add", "Mul", "Div"}
 
@@ -94,7 +95,7 @@ def _channels(value: ir.Value) -> int | None:
 def _conv_consumer(value: ir.Value) -> tuple[ir.Node, int] | None:
     """The Conv that receives ``value`` directly or through a channel Concat, and the channel offset there."""
     node, fed, offset = _only_consumer(value), value, 0
-    if node is not None and node.op_type == "Concat":
+    if node is not None and node.op_type in ONNX_FUSIONS and ONNX_FUSIONS[node.op_type].kind == "cat":
         rank = len(value.shape) if value.shape is not None else 4
         if node.attributes["axis"].value not in (1, 1 - rank):
             return None
@@ -311,17 +312,16 @@ def _labels(resizes: list[ir.Node], sites: list | None) -> dict[ir.Node, str]:
 
 
 def _reaches_fusion(value: ir.Value, depth: int = 6) -> bool:
-    """Whether ``value`` flows into a Concat or Add (directly, or through a Conv/Gemm/MatMul and shape ops)."""
+    """Whether ``value`` flows into a fusion (directly, or through the linear ops of ``ops.ONNX_LINEAR``)."""
     frontier = [value]
     for _ in range(depth):
         nxt = []
         for v in frontier:
             for use in v.uses():
                 node = use.node
-                if node.op_type in ("Concat", "Add", "Sub", "Sum"):
+                if node.op_type in ONNX_FUSIONS:
                     return True
-                if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Transpose", "Identity", "Unsqueeze",
-                                    "Squeeze", "Flatten", "Cast", "Resize", "Mul", "Div", "Pad"):
+                if node.op_type in ONNX_LINEAR:
                     nxt.extend(node.outputs)
         frontier = nxt
     return False

@@ -24,6 +24,7 @@ from .errors import CalibrationError
 from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .integrations.zoo import main_logits
+from .ops import NOUNS
 from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 
@@ -40,10 +41,8 @@ _REASONS = {
 def reason_sentence(reason: FoldReason, consumer: str, fusion: str = "") -> str:
     """A refusal reason as a sentence (``describe``, warnings)."""
     text = _REASONS.get(reason, "")
-    if reason == FoldReason.NO_CONSUMER and fusion in ("cat", "stack"):
-        text = f"the branch meets a {'concatenation' if fusion == 'cat' else 'stack'} before any conv"
-    elif reason == FoldReason.NO_CONSUMER and fusion == "sub":
-        text = "the branch meets a subtraction before any conv"
+    if reason == FoldReason.NO_CONSUMER and fusion in NOUNS:
+        text = f"the branch meets {'an' if NOUNS[fusion][0] in 'aeiou' else 'a'} {NOUNS[fusion]} before any conv"
     return text.format(consumer=consumer or "its consumer")
 
 

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
-from .ops import FUSION_FUNCS, LIST_FUSION_FUNCS, RESIZE_FUNCS, align_corners, resize_mode
+from .ops import FUSION_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
 from .site import CallKey, Site, is_caller, source_key
 from .state import EqualizerRegistry, OwnerSites, fx_error, registry
 
@@ -169,8 +169,9 @@ class _OwnerMode(TorchFunctionMode):
         return self._fusion(func, args, kwargs, targets)
 
     def _fusion(self, func, args, kwargs, targets: dict[int, str]):
-        listed = func in LIST_FUSION_FUNCS
-        inputs = list(kwargs.pop("tensors") if listed and "tensors" in kwargs else args[0] if listed else args)
+        fusion = FUSION_FUNCS[func]
+        inputs = branch_inputs(fusion, args, kwargs) if fusion.listed else list(args)
+        kwargs.pop("tensors", None)
         for arg, name in targets.items():
             site = self.reg[name].site
             if arg >= len(inputs) or not isinstance(inputs[arg], torch.Tensor) or \
@@ -181,8 +182,8 @@ class _OwnerMode(TorchFunctionMode):
                     f"than at the example size. Equalize at the size you run at.")
             if not _local.bypass:
                 inputs[arg] = self.reg[name](inputs[arg])
-        if listed:
-            return func(inputs, *args[1:], **kwargs)
+        if fusion.listed:
+            return func(inputs, *args[1:], **kwargs)  # (args is empty where the list came as tensors=)
         return func(*inputs, **kwargs)
 
 

@@ -123,7 +123,7 @@ FUSIONS = {
     "plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "method_add": lambda a, b: a.add(b),
     "method_sub": lambda a, b: a.sub(b), "method_subtract": lambda a, b: a.subtract(b),
     "iadd": lambda a, b: a.__iadd__(b), "isub": lambda a, b: a.__isub__(b), "add_": lambda a, b: a.add_(b),
-    "sub_": lambda a, b: a.sub_(b),
+    "sub_": lambda a, b: a.sub_(b), "subtract_": lambda a, b: a.subtract_(b),
 }
 
 

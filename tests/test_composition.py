@@ -355,17 +355,42 @@ def test_every_fusion_spelling_is_a_site_on_both_sides(spelling):
     assert len(got) == 1 and abs(got[0].std().item() - 1) < 0.2
 
 
-def test_the_graph_pass_and_the_runtime_read_one_list_of_spellings():
-    # every torch function the runtime treats as a fusion is one FUSIONS spells, and has an aten op in the graph list
-    spelled = {"cat": torch.cat, "concat": torch.concat, "concatenate": torch.concatenate, "stack": torch.stack,
-               "add": torch.add, "sub": torch.sub, "subtract": torch.subtract}
-    assert set(spelled.values()) <= ops.FUSION_FUNCS
-    aten = torch.ops.aten
-    assert {aten.cat.default, aten.concat.default, aten.concatenate.default, aten.stack.default} == \
-        set(ops.LIST_FUSION_OPS)
-    assert {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.subtract.Tensor,
-            aten.subtract_.Tensor} == set(ops.ADDITIVE_OPS)
-    assert ops.LIST_FUSION_FUNCS == {torch.cat, torch.concat, torch.concatenate, torch.stack}
+def test_the_fusion_table_is_what_every_reader_meets():
+    # Each spelling of the test decoders meets exactly one table entry on each side (the runtime's torch function,
+    # the graph pass's aten op), the same entry; together the spellings cover every function of the table.
+    met = set()
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            met.update({func} & set(ops.FUSION_FUNCS))
+            return func(*args, **(kwargs or {}))
+
+    a, b = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    funcs = set()
+    for spelling, fuse in FUSIONS.items():
+        met.clear()
+        with Recording():
+            fuse(a.clone(), b)
+        graph = torch.export.export(_Fuse(fuse), (a, b), strict=False).graph
+        atens = [n.target for n in graph.nodes if n.target in ops.FUSION_OPS]
+        assert len(met) == 1 and len(atens) == 1, (spelling, met, atens)
+        assert ops.FUSION_FUNCS[next(iter(met))] is ops.FUSION_OPS[atens[0]], spelling
+        funcs |= met
+    # no spelling of the table untested (torch reports the operators a + b, a += b as the methods add, add_)
+    dunders = {f for f in ops.FUSION_FUNCS if f.__name__.startswith("__")}
+    assert funcs == set(ops.FUSION_FUNCS) - dunders, set(ops.FUSION_FUNCS) - dunders - funcs
+    kinds = {f.kind for f in ops.FUSIONS}
+    assert {ops.FUSION_FUNCS[f].kind for f in funcs} == kinds == set(ops.NOUNS)
+    assert {ops.ONNX_FUSIONS[t].kind for t in ops.ONNX_FUSIONS} == {"cat", "add", "sub"}  # stack: Concat in ONNX
+
+
+class _Fuse(nn.Module):
+    def __init__(self, fuse):
+        super().__init__()
+        self.fuse = fuse
+
+    def forward(self, a, b):
+        return self.fuse(a.clone(), b)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

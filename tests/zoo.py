@@ -76,10 +76,11 @@ SITES = {
     # three top-down x2 upsamplings added to laterals; three upsamplings (x8, x4, x2) to the 1/4 map before the
     # fusion concat. The top-down and fusion ones are chained (levels 1-3).
     "smp_UPerNet": 9,
-    # PAN: FPA's global branch (upsampled, added at the end) and its three pyramid upsamplings added to
-    # convolved branches; GAU2 and GAU1 each add an upsampled coarse map to a gated fine one. The final x4 of
-    # the head only reaches the output.
-    "smp_PAN": 6,
+    # PAN: FPA's global branch (upsampled, added at the end) and two of its pyramid upsamplings, added to
+    # convolved branches; the pyramid's last upsampling multiplies the middle branch (an attention map, a gate:
+    # not a fusion); GAU2 and GAU1 each add an upsampled coarse map to a gated fine one. The final x4 of the head
+    # only reaches the output.
+    "smp_PAN": 5,
     # SegFormer (smp): the 1/8, 1/16, 1/32 MLP outputs are upsampled to 1/4 and concatenated with the 1/4 one.
     "smp_Segformer": 3,
     # Unet and MAnet upsample with nearest, which keeps the variance: no bilinear site.
