@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import NotCalibratedError
 from .site import Site
-from .state import Compensation, FoldAction
+from .state import Compensation, FoldAction, FoldStep
 
 
 class ScaleEqualizer(nn.Module):
@@ -38,9 +38,18 @@ class ScaleEqualizer(nn.Module):
         self.is_calibrated = False   # mirror of the buffer, read in forward without a device sync
         self.observer: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
         self.compensation = Compensation.NONE  # what preserve_function did at this site (see equalize.py)
-        self.folded = FoldAction.NONE          # what fold() did here; folded statistics stay frozen
-        self.before_resize = False   # fold() moved it onto its resize's input (exact: resizing commutes with it)
+        self.fold: FoldStep | None = None      # what fold() did here: the one record (folded statistics stay frozen)
         self.register_load_state_dict_post_hook(_sync_calibrated)
+
+    @property
+    def folded(self) -> FoldAction:
+        return self.fold.action if self.fold is not None else FoldAction.NONE
+
+    @property
+    def before_resize(self) -> bool:
+        """fold() moved it onto its resize's input (exact: resizing commutes with it)."""
+        return self.folded in (FoldAction.MOVED, FoldAction.SCALE_FOLDED) and self.site is not None and \
+            self.site.kind == "upsample"
 
     @property
     def name(self) -> str:

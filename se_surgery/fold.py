@@ -55,19 +55,15 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         reason = refusal(target, consumer)
         where = consumer.weight.rsplit(".", 1)[0] if consumer is not None else ""
         if reason is not None:
-            eq.before_resize = movable
-            eq.folded = FoldAction.MOVED if movable else FoldAction.KEPT
-            reg.folds.append(FoldStep(site.name, eq.folded, reason, where))
+            eq.fold = FoldStep(site.name, FoldAction.MOVED if movable else FoldAction.KEPT, reason, where)
             continue
         full = shift_absorbable(consumer) and not consumer.zero_padded
         absorb_input_affine(target, consumer, 1 / std, -mean / std if full else torch.zeros_like(mean))
         if full:
             detach(target, eq, keep_registry=True)
-            reg.folds.append(FoldStep(site.name, FoldAction.FOLDED, FoldReason.NONE, where))
+            reg.folded_away.append(FoldStep(site.name, FoldAction.FOLDED, FoldReason.NONE, where))
             continue
         eq.std.fill_(1.0)
-        eq.before_resize = movable
-        eq.folded = FoldAction.SCALE_FOLDED
-        reg.folds.append(FoldStep(site.name, FoldAction.SCALE_FOLDED,
-                                  FoldReason.ZERO_PADDED if consumer.zero_padded else FoldReason.NO_BIAS, where))
+        eq.fold = FoldStep(site.name, FoldAction.SCALE_FOLDED,
+                           FoldReason.ZERO_PADDED if consumer.zero_padded else FoldReason.NO_BIAS, where)
     return target

@@ -105,20 +105,28 @@ class EqualizerRegistry(nn.ModuleDict):
     ``scale_equalizers._extra_state``. Nothing per call is kept here (that lives with the calling thread, see
     ``runtime.py``), so one model can serve many threads."""
 
+    __jit_unused_properties__ = ["folds"]  # an emptied registry scripts with the folded model (TorchScript)
+
     def __init__(self) -> None:
         super().__init__()
         self.owners: dict[str, OwnerSites] = {}
         self.input_form: tuple[str, object] | None = None   # how calibration batches map to the model's inputs
         self.output_change: float | None = None      # what preserve_function moved the output by
-        self.folds: list[FoldStep] = []              # what se_surgery.fold did
+        self.folded_away: list[FoldStep] = []        # fold's record of the sites it removed (the others': eq.fold)
         self.recipe: dict = {}                       # how equalize was called: what restore needs
+
+    @property
+    def folds(self) -> list[FoldStep]:
+        """What se_surgery.fold did, per site, in site order (read from the one record of each)."""
+        order = {site: i for i, site in enumerate(self.recipe.get("sites", []))}
+        steps = [eq.fold for eq in self.values() if eq.fold is not None] + self.folded_away
+        return sorted(steps, key=lambda s: order.get(s.site, len(order)))
 
     def get_extra_state(self) -> torch.Tensor:
         state = dict(self.recipe, version=VERSION, output_change=self.output_change,
                      folds=[{"site": s.site, "action": str(s.action), "reason": str(s.reason),
                              "consumer": s.consumer} for s in self.folds],
-                     equalizers={name: {"compensation": str(eq.compensation), "folded": str(eq.folded),
-                                        "before_resize": eq.before_resize} for name, eq in self.items()})
+                     equalizers={name: {"compensation": str(eq.compensation)} for name, eq in self.items()})
         return encode(state)
 
     def set_extra_state(self, value: Any) -> None:
@@ -131,14 +139,17 @@ class EqualizerRegistry(nn.ModuleDict):
                              f"statistics belong to another model. Restore it into the architecture it was saved from "
                              f"(se_surgery.restore); nothing was loaded.")
         self.output_change = state.pop("output_change")
-        self.folds = [FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
-                      for s in state.pop("folds")]
+        self.folded_away = []
+        for s in state.pop("folds"):
+            step = FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
+            name = step.site.replace(".", "_")
+            if name in self:
+                self[name].fold = step
+            else:
+                self.folded_away.append(step)
         self.recipe = state
-        for name, fields_ in per.items():  # only the three declared fields, already type-checked
-            eq = self[name]
-            eq.compensation = Compensation(fields_["compensation"])
-            eq.folded = FoldAction(fields_["folded"])
-            eq.before_resize = fields_["before_resize"]
+        for name, fields_ in per.items():  # only the declared field, already type-checked
+            self[name].compensation = Compensation(fields_["compensation"])
 
     def named_children(self):
         # torch.fx's tracer lists every module's children before it traces; it calls the root's forward without
@@ -194,7 +205,7 @@ def registry(model: nn.Module) -> EqualizerRegistry | None:
 # ----------------------------------------------------------------------------------------------------------------
 # The recipe codec. A recipe read from a file is untrusted: bounded in size, parsed, then checked field by field.
 
-VERSION = 2
+VERSION = 3
 MAX_BYTES = 4 << 20          # a real recipe is a few kB per hundred sites
 MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_ELEMENTS = 64, 8, 1 << 20, 1 << 26
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
@@ -244,7 +255,7 @@ def _shape(value: Any) -> bool:
 
 # The recipe's schema: field -> (check, what the field must be). Every field a recipe may hold is here.
 _FIELDS: dict[str, tuple[Any, str]] = {
-    "version": (lambda v: type(v) is int and v in (1, VERSION), f"version 1 or {VERSION}"),
+    "version": (lambda v: type(v) is int and 1 <= v <= VERSION, f"a version from 1 to {VERSION}"),
     "input_kind": (lambda v: v in ("args", "kwargs"), "'args' or 'kwargs'"),
     "input_names": (_names, "a list of names"),
     "shapes": (lambda v: isinstance(v, list) and 0 < len(v) <= MAX_INPUTS and all(map(_shape, v)),
@@ -261,7 +272,9 @@ _FIELDS: dict[str, tuple[Any, str]] = {
 _OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}}
 # A fold step's fields and a per-equalizer record's fields, with their types (an enum: one of its values).
 _STEP = {"site": str, "action": FoldAction, "reason": FoldReason, "consumer": str}
-_RECORD = {"compensation": Compensation, "folded": FoldAction, "before_resize": bool}
+_RECORD = {"compensation": Compensation}
+# before version 3 a record also held what fold did (now only in the fold steps, where it is derived from)
+_RECORD_V2 = {**_RECORD, "folded": FoldAction, "before_resize": bool}
 
 
 def _typed(fields: Any, schema: dict) -> bool:
@@ -316,8 +329,8 @@ def _validated(state: dict, bad) -> dict:
                        "folded": FoldAction.SCALE_FOLDED if str(fields_.get("folded", "")).startswith("scale into")
                        else FoldAction.MOVED if fields_.get("folded") else FoldAction.NONE,
                        "before_resize": fields_.get("before_resize", False)}
-        if not _typed(fields_, _RECORD):
+        if not _typed(fields_, _RECORD if version == VERSION else _RECORD_V2):
             raise bad(f"field 'equalizers' has an entry for {name!r} with other fields or values than "
-                      f"compensation, folded and before_resize")
-        records[name] = fields_
+                      f"{', '.join(_RECORD if version == VERSION else _RECORD_V2)}")
+        records[name] = {"compensation": fields_["compensation"]}
     return {**state, "folds": folds, "equalizers": records, "version": VERSION}
