@@ -132,7 +132,9 @@ class EqualizerRegistry(nn.ModuleDict):
     def set_extra_state(self, value: Any) -> None:
         state = decode(value)
         per = state.pop("equalizers")
-        unknown, lacking = sorted(set(per) - set(self.keys())), sorted(set(self.keys()) - set(per))
+        gone = {s["site"] for s in state["folds"] if s["action"] == FoldAction.FOLDED}
+        saved = {site.replace(".", "_") for site in state["sites"] if site not in gone} | set(per)
+        unknown, lacking = sorted(saved - set(self.keys())), sorted(set(self.keys()) - saved)
         if unknown or lacking:
             raise UsageError(f"the se_surgery recipe in this state_dict was saved from equalizers at other sites "
                              f"({'it names ' + str(unknown[:3]) if unknown else 'it lacks ' + str(lacking[:3])}): its "
