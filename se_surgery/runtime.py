@@ -23,6 +23,7 @@ import weakref
 from collections import defaultdict
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch._guards import TracingContext
 from torch.overrides import TorchFunctionMode
@@ -117,6 +118,7 @@ class _OwnerMode(TorchFunctionMode):
         self.ops = owner.ops
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
+        self.checkpointed = False  # a resize ran inside torch.utils.checkpoint from a line without sites
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -138,6 +140,7 @@ class _OwnerMode(TorchFunctionMode):
         source = source_key_of_call()
         expected = self.owner.line_calls.get((self.call, op, source))
         if expected is None:  # a line without sites
+            self.checkpointed = self.checkpointed or (op == "resize" and _in_checkpoint())
             return func(*args, **kwargs)
         if not torch.compiler.is_compiling():
             frame = _forward_frame()
@@ -341,10 +344,27 @@ def _leave_owner(path: str, module: nn.Module, _args, out) -> None:
                 raise SiteMismatchError(
                     f"site {site.name} ({site.where}, {key.op} #{key.occurrence} from that line) was not met in "
                     f"this forward of {path or 'the model'}; calls seen from the site lines: {seen or 'none'}. "
-                    + ("The model's source cannot be read here, so no call can be placed: install it with its .py "
+                    + ("Its call ran inside torch.utils.checkpoint of a method (checkpoint(self.body, x) in "
+                       "forward): the recomputation in backward runs outside any module call, where no equalizer "
+                       "can act, so it would give other gradients. Checkpoint a submodule instead (as transformers "
+                       "and timm do), or se_surgery.fold the model first." if mode.checkpointed else
+                       "The model's source cannot be read here, so no call can be placed: install it with its .py "
                        "files. " if not _readable(module) else
                        "The forward takes another path at this input size than at the example size; equalize at the "
                        "size you run at."))
+
+
+def _in_checkpoint() -> bool:
+    """Whether the running call comes through torch.utils.checkpoint (eager frames)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 
 def _readable(module: nn.Module) -> bool:
