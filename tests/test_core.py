@@ -1,5 +1,5 @@
 """Behaviour of equalize/calibrate on zoo models beyond the zoo sweep: training semantics, errors,
-preserve_function."""
+preserve_function, the first call with nothing else, and calibration data as users have it."""
 
 import copy
 import io
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from zoo import batches, build, call, inputs
 
 import se_surgery as se
@@ -166,3 +167,31 @@ def test_bad_calibration_data_gets_errors_that_name_the_site():
     with pytest.raises(se.CalibrationError, match=r"model\.call0_resize0 has zero variance.*dead branch"):
         se.equalize(dead, (x,), [x], progress=False)
     assert not list(se.equalizers(model))  # the caller's model was never touched
+
+
+@pytest.mark.parametrize("name", ["smp_UPerNet", "hf_segformer", "tv_deeplabv3"])
+def test_equalize_with_nothing_else(name):
+    model = build(name)
+    with pytest.warns(UserWarning, match=r"no example_inputs given.*\(1, 3, 512, 512\)"):
+        eq = se.equalize(model)
+    assert len(se.equalizers(eq)) > 0 and not any(e.is_calibrated for e in se.equalizers(eq))
+    images = torch.randn(4, 3, 128, 128)
+    labels = torch.randint(0, 5, (4, 128, 128))
+    if name.startswith("hf_"):  # transformers batches: dicts with labels
+        loader = [{"pixel_values": images[i:i + 2], "labels": labels[i:i + 2]} for i in (0, 2)]
+    else:  # what segmentation code has: a DataLoader of (image, label) pairs
+        loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    se.calibrate(eq, loader, progress=False)
+    assert all(e.is_calibrated for e in se.equalizers(eq))
+
+
+def test_calibration_data_errors_say_what_to_do():
+    eq = se.equalize(build("smp_FPN"), (torch.randn(2, 3, 128, 128),), progress=False)
+    dataset = TensorDataset(torch.randn(4, 3, 128, 128))
+    with pytest.raises(se.CalibrationError, match=r"TensorDataset.*DataLoader\(dataset, batch_size"):
+        se.calibrate(eq, dataset, progress=False)
+    with pytest.raises(se.CalibrationError, match="input_fn"):
+        se.calibrate(eq, [{"image": torch.randn(2, 3, 128, 128)}], progress=False)
+    # input_fn handles any other form.
+    se.calibrate(eq, [{"image": torch.randn(2, 3, 128, 128)}], input_fn=lambda b: b["image"], progress=False)
+    assert all(e.is_calibrated for e in se.equalizers(eq))

@@ -1,16 +1,153 @@
-"""ONNX export and the ONNX fold: export works with its defaults, names its dims and quantizes; the fold infers
-what it needs instead of assuming, and inserts nothing shaped by the example."""
+"""ONNX: export_onnx on every zoo model (exact folds at the documented cost, one-size graphs detected, errors that
+say why), with its defaults (dims named, int8 quantization), the ONNX fold inferring what it needs, and fold_onnx
+on files as the exporters write them (external data, the TorchScript exporter, float16)."""
+
+import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
+import torch.nn.functional as F
 from decoders import FixedSize, RootOwner, Trilinear
+from torch import nn
+from zoo import BUILDERS, SITES, build, equalized, inputs
 
 import se_surgery as se
 
 pytestmark = pytest.mark.slow
 
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+EQUALIZED = sorted(n for n in BUILDERS if SITES[n])
+# torch.onnx.export bakes these to the traced size (adaptive pooling to fixed bins; fixed position embeddings),
+# before and without se_surgery: export_onnx detects it (test below), so they are exported with static H/W.
+STATIC_SPATIAL = {"smp_PSPNet", "smp_UPerNet", "hf_upernet_convnext", "hf_dpt"}
+# torch.onnx.export fails on transformers' Swin backbone, with or without equalizers.
+NO_ONNX = {"hf_upernet_swin"}  # see test_export_errors_are_onnx_errors_that_say_why
+
+
+def _nodes(path):
+    return len(onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize("name", sorted(set(EQUALIZED) - NO_ONNX))
+def test_export_onnx_folds_exactly_and_costs_at_most_the_documented_minimum(name, tmp_path):
+    eq = equalized(name)
+    example = inputs(name, torch.randn(2, 3, 128, 128))
+    dynamic = name not in STATIC_SPATIAL
+    report = se.export_onnx(eq, example, tmp_path / "folded.onnx", dynamic_spatial=dynamic)
+    assert len(report.folds) == SITES[name]
+    assert report.max_abs_error <= 1e-5 and report.export_error <= 1e-3
+    # the example, and a random input at batch 3 (32 px larger where height/width are dynamic)
+    assert [s[0] for s in report.checked_shapes] == [2, 3]
+    assert report.checked_shapes[1][2:] == ((160, 160) if dynamic else (128, 128))
+    # every fold named after its PyTorch site, from the graph's structure (module path and source line)
+    assert sorted(f.site for f in report.folds) == sorted(e.name for e in se.equalizers(eq))
+    # Against the export of the original, un-equalized model: no more nodes, except the documented minimum
+    # (1 low-resolution Add per zero-padded consumer, Mul + Add per addition fusion).
+    original = tmp_path / "original.onnx"
+    shapes = {0: torch.export.Dim.AUTO, **({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if dynamic else {})}
+    kw = {"kwargs": example, "dynamic_shapes": {"pixel_values": shapes}} if isinstance(example, dict) else \
+        {"dynamic_shapes": (shapes,)}
+    torch.onnx.export(build(name), () if isinstance(example, dict) else example, dynamo=True, verbose=False,
+                      **kw).save(str(original))
+    minimum = sum(f.nodes_left for f in report.folds)
+    assert report.nodes_after <= _nodes(original) + minimum
+    if minimum == 0:
+        assert report.nodes_after <= _nodes(original)
+    # No dead weights: every initializer is used (the replaced conv weights and equalizer constants are gone), and
+    # the file is no larger than the original export plus the few new constants.
+    folded = onnx.load(report.path)
+    used = {i for n in folded.graph.node for i in n.input}
+    assert all(init.name in used for init in folded.graph.initializer)
+    assert os.path.getsize(report.path) <= os.path.getsize(original) * 1.01 + 4096
+    # Dynamic batch (and height/width) kept in the folded file.
+    dims = folded.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and (bool(dims[2].dim_param) == dynamic) and (bool(dims[3].dim_param) == dynamic)
+    assert "folded" in str(report) and "nodes:" in str(report)
+
+
+def test_export_detects_graphs_that_torch_onnx_bakes_to_one_size(tmp_path):
+    eq = equalized("smp_PSPNet")
+    with pytest.raises(se.OnnxError, match="dynamic_spatial=False"):
+        se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "x.onnx", dynamic_spatial=True)
+    assert not (tmp_path / "x.onnx").exists()
+    # the default decides by itself, and says why
+    report = se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "x.onnx")
+    assert any("static" in note and "adaptively" in note for note in report.notes)
+
+
+def test_export_errors_are_onnx_errors_that_say_why(tmp_path):
+    # transformers' Swin backbone exports, but with sizes of the example baked in: onnxruntime fails at another
+    # size, and the error says so (not a raw onnxruntime exception).
+    eq = equalized("hf_upernet_swin")
+    with pytest.raises(se.OnnxError, match=r"onnxruntime cannot run .* baked a size .*dynamic_spatial=False"):
+        se.export_onnx(eq, {"pixel_values": torch.randn(2, 3, 128, 128)}, tmp_path / "x.onnx", dynamic_spatial=True)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class _Elsewhere(nn.Module):
+    """Equalization written by hand, as another tool would: (x - m) * k per channel, an Add fusion too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 4, 3, padding=1)
+        self.coarse = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(8, 2, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.register_buffer("m", torch.tensor([0.1, -0.2, 0.3, 0.0]).view(4, 1, 1))
+        self.register_buffer("k", torch.tensor([2.0, 0.5, 1.5, 3.0]).view(4, 1, 1))
+
+    def forward(self, x):
+        fine, coarse = torch.relu(self.fine(x)), self.coarse(x)
+        up = (F.interpolate(coarse, scale_factor=2, mode="bilinear") - self.m) * self.k
+        up2 = (F.interpolate(coarse, scale_factor=2, mode="bilinear") - 0.5) / 4.0
+        return self.fuse(torch.cat([fine, up], 1)) + self.head(fine + up2)
+
+
+def test_fold_onnx_on_a_graph_from_elsewhere(tmp_path):
+    source = tmp_path / "elsewhere.onnx"
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(_Elsewhere().eval(), (x,), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO,
+                                       3: torch.export.Dim.AUTO},)).save(str(source))
+    before = source.read_bytes()
+    report = se.fold_onnx(source, tmp_path / "folded.onnx", check_sizes=(32, 48))
+    # The exporter merges the two identical resizes, so neither branch's ops can move in front of the shared
+    # Resize (they would change the other branch): both stay after it, the scale of the Concat branch folded.
+    forms = sorted(f.form for f in report.folds)
+    assert len(forms) == 2, str(report)
+    assert forms[0].startswith("scale and shift") and forms[0].endswith("(the branch meets an Add)")
+    assert forms[1].startswith("scale into Conv") and forms[1].endswith("(Conv is zero-padded)")
+    assert all("after Resize (shared with another branch)" in f for f in forms)
+    assert sorted(f.nodes_left for f in report.folds) == [1, 2]
+    assert report.max_abs_error <= 1e-5 and report.checked_shapes == [(1, 3, 32, 32), (1, 3, 48, 48)]
+    assert source.read_bytes() == before
+    with pytest.raises(se.OnnxError, match="refusing to write .*one of the input's files"):
+        se.fold_onnx(source, source)
+    # Nothing to fold: written unchanged, and the report says so.
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(nn.Conv2d(3, 2, 1), (x,), dynamo=True, verbose=False).save(str(plain))
+    nothing = se.fold_onnx(plain, tmp_path / "same.onnx")
+    assert not nothing.folds and "unchanged" in str(nothing)
+    assert len(ir.load(str(tmp_path / "same.onnx")).graph) == len(ir.load(str(plain)).graph)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(se.OnnxError, match="not a readable ONNX model"):
+        se.fold_onnx(broken, tmp_path / "out.onnx")
+
+
+def test_per_channel_equalizers_fold_in_onnx(tmp_path):
+    eq = equalized("smp_DeepLabV3Plus", per_channel=True)
+    report = se.export_onnx(eq, (torch.randn(2, 3, 128, 128),), tmp_path / "m.onnx")
+    assert len(report.folds) == 2 and report.max_abs_error <= 1e-5
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults and the ONNX fold
 
 
 def _calibrated(model, shape, kwargs=False):
@@ -94,3 +231,74 @@ def test_3d_ops_moved_before_the_resize_keep_dynamic_shapes(tmp_path):
     assert len(se.equalizers(eq)) == 2
     report = se.export_onnx(eq, (x,), tmp_path / "tri.onnx")
     assert (3, 1, 48, 48, 48) in report.checked_shapes and report.max_abs_error <= 1e-5
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX files as the exporters write them
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_cli_folds_a_file_torch_onnx_export_wrote_with_external_data(tmp_path):
+    eq = equalized("smp_DeepLabV3").eval()  # equalizers exported as ops, the way another tool's file would be
+    x = torch.randn(1, 3, 128, 128)
+    auto = torch.export.Dim.AUTO
+    torch.onnx.export(eq, (x,), str(tmp_path / "plain.onnx"), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: auto, 2: auto, 3: auto},))
+    assert (tmp_path / "plain.onnx.data").exists()  # as the exporter writes it
+    inputs = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cli = [sys.executable, "-m", "se_surgery.cli"]
+    done = subprocess.run(cli + ["fold", "plain.onnx", "-o", "sub/folded.onnx"], cwd=tmp_path, capture_output=True,
+                          text=True)  # a fresh process, a relative path into a new subfolder
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 equalizer(s) folded" in done.stdout and "model.call0_resize0" not in done.stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == inputs  # inputs untouched
+    # Self-contained: moved alone into another folder, loaded from another working directory, after the
+    # exporter's data file is overwritten by another checkpoint, it still computes what the equalized model does.
+    moved = tmp_path / "elsewhere" / "deploy.onnx"
+    moved.parent.mkdir()
+    (tmp_path / "sub" / "folded.onnx").rename(moved)
+    assert not list((tmp_path / "sub").iterdir())
+    (tmp_path / "plain.onnx.data").write_bytes(b"\0" * len(inputs["plain.onnx.data"]))
+    with torch.no_grad():
+        expected = eq(x).numpy()
+    got = _ort(moved, x)
+    assert abs(got - expected).max() <= 1e-4 * abs(expected).max()
+    # Output paths that are the input's files are refused, and nothing is changed.
+    for bad in ("plain.onnx", "plain.onnx.data", str(tmp_path / "plain.onnx.data")):
+        done = subprocess.run(cli + ["fold", "plain.onnx", "-o", bad], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 1 and "one of the input's files" in done.stderr, done.stderr[-500:]
+    assert (tmp_path / "plain.onnx").read_bytes() == inputs["plain.onnx"]
+
+
+def test_fold_a_torchscript_export_and_a_float16_graph(tmp_path):
+    import onnx
+
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(_Elsewhere().eval(), (x,), str(tmp_path / "ts.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    report = se.fold_onnx(tmp_path / "ts.onnx", tmp_path / "ts_folded.onnx", check_sizes=(32, 48))
+    assert len(report.folds) == 2 and report.max_abs_error <= 1e-5
+    torch.onnx.export(_Elsewhere().eval().half(), (x.half(),), str(tmp_path / "half.onnx"), dynamo=True,
+                      verbose=False)
+    report = se.fold_onnx(tmp_path / "half.onnx", tmp_path / "half_folded.onnx", tolerance=2e-3)
+    assert len(report.folds) == 2
+    kinds = {i.data_type for i in onnx.load(str(tmp_path / "half_folded.onnx")).graph.initializer
+             if i.name.endswith(("se_weight", "se_bias", "se_scale", "se_shift"))}
+    assert kinds == {onnx.TensorProto.FLOAT16}  # the constants se_surgery wrote keep the graph's dtype
+
+
+def test_export_from_a_batch_of_one_stays_dynamic(tmp_path):
+    name = "hf_segformer"  # its reshapes specialise the batch when exported on a batch of one
+    eq = equalized(name).eval()
+    report = se.export_onnx(eq, {"pixel_values": torch.randn(1, 3, 128, 128)}, tmp_path / "seg.onnx")
+    assert [s[0] for s in report.checked_shapes] == [1, 3] and not report.notes
+    assert isinstance(report.inputs["pixel_values"][0], str)
+    x = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        expected = eq(pixel_values=x).logits.numpy()
+    assert abs(_ort(report.path, x) - expected).max() <= 1e-3 * abs(expected).max()

@@ -140,3 +140,15 @@ def call(model: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 def batches(name: str, n: int = 3, size: int = SIZE, seed: int = 1) -> list:
     gen = torch.Generator().manual_seed(seed)
     return [inputs(name, torch.randn(2, 3, size, size, generator=gen)) for _ in range(n)]
+
+
+def equalized(name, **kw):
+    """The zoo model ``name`` equalized on its example and calibration batches (warnings silenced)."""
+    import warnings
+
+    import se_surgery as se
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return se.equalize(build(name), inputs(name, torch.randn(2, 3, 128, 128)), batches(name), progress=False,
+                           **kw)

@@ -1,14 +1,17 @@
-"""Fold and preserve_function are exact, or leave the equalizer in place and say why, whatever wraps or
-shares the consumer conv."""
+"""se_surgery.fold: exact on every zoo model and returns the model; fold and preserve_function are exact, or
+leave the equalizer in place and say why, whatever wraps or shares the consumer conv."""
 
 import pytest
 import torch
 from decoders import SharedProj, Small
 from torch import nn
 from torch.nn.utils import parametrizations
+from zoo import BUILDERS, SITES, build, call, equalized
 
 import se_surgery as se
 from se_surgery.state import FoldAction, FoldReason
+
+EQUALIZED = sorted(n for n in BUILDERS if SITES[n])
 
 
 def _data(n=3, size=32):
@@ -104,3 +107,43 @@ def test_a_grouped_consumer():
         [(FoldAction.MOVED, FoldReason.NOT_PLAIN_CONSUMER)] * 2
     assert torch.equal(folded.head.fuse.weight, eq.head.fuse.weight)
     assert "head.fuse is not a plain conv of its weight (grouped" in se.describe(folded)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zoo models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EQUALIZED)
+def test_fold_in_pytorch_is_exact(name):
+    eq = equalized(name)
+    folded = se.fold(eq)
+    steps = folded.scale_equalizers.folds
+    assert len(steps) == SITES[name] and se.equalizers(eq)  # the equalized model itself is kept
+    for size in (128, 160):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ref, out = call(eq, name, x), call(folded, name, x)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    left = {e.site.name for e in se.equalizers(folded)}
+    assert left == {s.site for s in steps if s.action != "folded"}
+    # What could not fold into a conv now acts on the low-resolution side of its resize, as in ONNX.
+    assert all(e.before_resize for e in se.equalizers(folded) if e.site.kind == "upsample")
+    if not left:  # everything folded: the original model's state_dict keys, nothing else
+        assert folded.state_dict().keys() == build(name).state_dict().keys()
+
+
+@pytest.mark.slow
+def test_fold_returns_the_model_and_a_fully_folded_one_loads_into_the_plain_class():
+    eq = equalized("smp_PSPNet")
+    folded = se.fold(eq)
+    assert isinstance(folded, type(eq)) and not se.equalizers(folded)
+    assert [s.action for s in folded.scale_equalizers.folds] == ["folded"] * 4
+    assert "folded by se_surgery.fold" in se.describe(folded)
+    plain = build("smp_PSPNet")
+    plain.load_state_dict(folded.state_dict())  # strict: no key beyond the plain model's
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), eq(x), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="no scale equalizers to fold"):
+        same = se.fold(plain)
+    assert isinstance(same, type(plain))
