@@ -1,26 +1,28 @@
-"""Does equalizing help training? A paired sweep, resumable, on a CPU.
+"""Does equalizing help training, and which equalization? A paired sweep, resumable, on a CPU (or a GPU).
 
 Per configuration (model x optimizer x data) and seed, every arm starts from the same initial weights (and
 BatchNorm statistics), sees the same batches in the same order with the same flips, and is tested on the same
-scenes; only the equalizers differ. The paired difference (equalized - baseline) per seed is what is reported,
-with a 95% t interval over seeds.
+scenes; only the equalizers differ. The paired difference (arm - baseline) per seed is what is reported, with a
+95% t interval over seeds. Within one machine a rerun is bit-identical; on another CPU it is a fresh draw of the
+training noise (README: "Reproducibility").
 
 Models: smp PSPNet (pyramid pooling: concatenation; ``preserve_function`` is exact there) and smp UPerNet
 (concatenation + chained top-down additions), ResNet-18 encoders, random init (no ImageNet weights offline).
 Optimizers: SGD (momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9: mmsegmentation's ResNet recipe) and AdamW
 (weight decay 0.01, poly 1.0; lr 6e-4: the transformer recipe's 6e-5 scaled up tenfold for random init and a
-schedule a hundred times shorter). Arms: baseline, equalized (``se.equalize`` at the start), and for PSPNet
-preserve (baseline for the first third, then ``se.equalize(preserve_function=True)``, momentum kept).
+schedule a hundred times shorter). Arms: :data:`ARMS`.
 Data, 64 x 64 scenes: "shapes" (textured squares and discs, small or large, on clutter: 5 classes) and "digits"
 (scikit-learn's handwritten digits, real scans, pasted at 1x-4x scale onto clutter; label = digit class per inked
 pixel, 11 classes; train and test scenes use disjoint digit images).
 
 Every run appends one line to ``OUT/results.jsonl`` (model, optimizer, data, seed, arm, steps, miou, seconds,
-threads, the fusion conv's per-branch gradient RMS over training); a rerun skips what is there, so an interrupted
-sweep resumes. ``--report`` writes ``OUT/results.md``, ``OUT/evidence.png`` and README's evidence section.
+threads, machine, the fusion conv's per-branch gradient RMS over training, 3 significant digits); a rerun skips
+what is there, so an interrupted sweep resumes. ``--report`` writes ``OUT/results.md``, ``OUT/evidence.png`` and
+README's evidence section.
 
-    python examples/evidence.py                      # the sweep (results.jsonl; time: README)
-    python examples/evidence.py --only PSPNet,sgd,shapes,3 --out /tmp/pair   # one pair again
+    python examples/evidence.py --shard 0/2 & python examples/evidence.py --shard 1/2   # the sweep, two cores
+    python examples/evidence.py --only PSPNet,sgd,shapes,3 --arms baseline,restore --out /tmp/pair   # one pair
+    python examples/evidence.py --preset gpu --shard 0/4 ...   # the GPU configuration (README)
     python examples/evidence.py --report             # tables, plot, README section from results.jsonl
     python examples/evidence.py --quick --out /tmp/q # the test suite's smoke run
 """
