@@ -44,6 +44,10 @@ def test_restore_gives_each_upsampled_branch_its_scale_before_the_resize(per_cha
         torch.testing.assert_close(std, want, rtol=1e-4, atol=1e-6)  # the std the resize took away, given back
         torch.testing.assert_close(out.mean(dims) if dims else out.mean(), mean, rtol=1e-4, atol=1e-5)
         assert bool(((up.std(dims, correction=0) if dims else up.std(correction=0)) < want).all())  # it shrank
+    # Still (x - mean) / std: it folds exactly like the paper's equalizer.
+    x = _data(1, seed=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(se.fold(eq)(x), eq(x), rtol=1e-5, atol=1e-5)
     # The default standardizes; recalibrating with another scale switches the statistics.
     unit = se.calibrate(eq, data, scale="unit", progress=False)
     for equalizer, (up, _) in zip(se.equalizers(unit), _branches(model, data)):
