@@ -35,6 +35,11 @@ class CallKey(NamedTuple):
     occurrence: int
 
 
+def module_key(site_name: str) -> str:
+    """A site's key in ``model.scale_equalizers`` (ModuleDict keys cannot hold dots), from its name."""
+    return site_name.replace(".", "_")
+
+
 @dataclass(frozen=True)
 class Site:
     """One place that gets a ScaleEqualizer, as found in the graph."""
@@ -73,7 +78,7 @@ class Site:
     @property
     def module_name(self) -> str:
         """The equalizer's key in ``model.scale_equalizers`` (ModuleDict keys cannot hold dots)."""
-        return self.name.replace(".", "_")
+        return module_key(self.name)
 
     @property
     def call_key(self) -> CallKey:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CaptureError, UsageError
-from .site import CallKey, Site
+from .site import CallKey, Site, module_key
 
 
 class FoldReason(StrEnum):
@@ -133,7 +133,7 @@ class EqualizerRegistry(nn.ModuleDict):
         state = decode(value)
         per = state.pop("equalizers")
         gone = {s["site"] for s in state["folds"] if s["action"] == FoldAction.FOLDED}
-        saved = {site.replace(".", "_") for site in state["sites"] if site not in gone} | set(per)
+        saved = {module_key(site) for site in state["sites"] if site not in gone} | set(per)
         unknown, lacking = sorted(saved - set(self.keys())), sorted(set(self.keys()) - saved)
         if unknown or lacking:
             raise UsageError(f"the se_surgery recipe in this state_dict was saved from equalizers at other sites "
@@ -144,7 +144,7 @@ class EqualizerRegistry(nn.ModuleDict):
         self.folded_away = []
         for s in state.pop("folds"):
             step = FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
-            name = step.site.replace(".", "_")
+            name = module_key(step.site)
             if name in self:
                 self[name].fold = step
             else:
@@ -317,7 +317,7 @@ def _validated(state: dict, bad) -> dict:
             raise bad(f"field 'folds' holds {str(step)[:80]}, not a fold step")
         folds.append(step)
 
-    per, module_names = state["equalizers"], {s.replace(".", "_") for s in sites}
+    per, module_names = state["equalizers"], {module_key(s) for s in sites}
     if len(per) > len(sites):
         raise bad("field 'equalizers' holds more than one entry per site")
     records = {}
