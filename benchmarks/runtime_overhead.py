@@ -1,10 +1,18 @@
-"""Runtime overhead: the equalized (and the folded) model's eager eval forward against the original's, batch 2, one
-thread, thread CPU time, interleaved in one process; the median over rounds of the per-round ratio.
+"""Runtime overhead: the equalized (and the folded) model's eager forward against the original's, interleaved in
+one process; the median over rounds of the per-round ratio.
+
+CPU (default): eval forward, batch 2, one thread, thread CPU time, at ``--sizes`` px (MONAI 3-D: a quarter of it per
+side); each arm runs as ``--copies`` deep copies, so where a copy's memory happens to lie (worth +-1% on its own)
+averages out.
+GPU (``--device cuda``): CUDA events; batch 8 at 512 px (MONAI: 2 x 128^3), ResNet-50 encoders; eval fp32, eval
+bf16 autocast, the folded model in bf16, and a training step (bf16 autocast, SGD) for each model.
 
 Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192]   (a quiet machine: no other job)
+     python benchmarks/runtime_overhead.py --device cuda [--rounds 20]
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -19,67 +27,170 @@ from zoo import build  # noqa: E402
 import se_surgery as se  # noqa: E402
 
 
-def segformer_b0():
+def segformer(size: str):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    return SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)).eval()
+    config = SegformerConfig(num_labels=150) if size == "b0" else SegformerConfig(
+        num_labels=150, hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768)
+    return SegformerForSemanticSegmentation(config)
 
 
-def segresnet_3d():
+def segresnet_3d(small: bool = True):
     from monai.networks.nets import SegResNet
 
-    return SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 2, 2),
-                     blocks_up=(1, 1)).eval()
+    if small:
+        return SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 2, 2),
+                         blocks_up=(1, 1))
+    return SegResNet(spatial_dims=3, in_channels=1, out_channels=3)
 
 
-MODELS = {"smp UPerNet": lambda: build("smp_UPerNet"), "smp FPN": lambda: build("smp_FPN"),
-          "tv LR-ASPP": lambda: build("tv_lraspp"), "hf SegFormer-B0": segformer_b0,
-          "MONAI SegResNet 3-D": segresnet_3d}
+def _smp(name: str):
+    import segmentation_models_pytorch as smp
+
+    return lambda: getattr(smp, name)("resnet50", encoder_weights=None, classes=150)
 
 
-def _inputs(name: str, size: int) -> tuple[tuple, dict]:
+CPU_MODELS = {"smp UPerNet": lambda: build("smp_UPerNet"), "smp FPN": lambda: build("smp_FPN"),
+              "tv LR-ASPP": lambda: build("tv_lraspp"), "hf SegFormer-B0": lambda: segformer("b0"),
+              "MONAI SegResNet 3-D": segresnet_3d}
+GPU_MODELS = {"smp UPerNet r50": _smp("UPerNet"), "smp FPN r50": _smp("FPN"), "smp PSPNet r50": _smp("PSPNet"),
+              "smp DeepLabV3+ r50": _smp("DeepLabV3Plus"), "hf SegFormer-B0": lambda: segformer("b0"),
+              "hf SegFormer-B2": lambda: segformer("b2"), "MONAI SegResNet 3-D": lambda: segresnet_3d(False)}
+
+
+def _input(name: str, batch: int, size: int, device: str) -> tuple[tuple, dict]:
     if "3-D" in name:
-        side = size // 4
-        return (torch.randn(2, 1, side, side, side),), {}
-    x = torch.randn(2, 3, size, size)
+        return (torch.randn(batch, 1, size, size, size, device=device),), {}
+    x = torch.randn(batch, 3, size, size, device=device)
     return ((), {"pixel_values": x}) if name.startswith("hf") else ((x,), {})
 
 
-def _cpu_seconds(model, args, kwargs) -> float:
+def _arms(model, args, kwargs) -> dict:
+    x = args[0] if args else kwargs["pixel_values"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(model, args if args else kwargs, [x, x], progress=False)
+    return {"original": model, "equalized": eq, "folded": se.fold(eq)}
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU
+
+
+def _cpu_seconds(models, args, kwargs) -> float:
     start = time.thread_time()
     with torch.no_grad():
-        model(*args, **kwargs)
+        for model in models:
+            model(*args, **kwargs)
     return time.thread_time() - start
+
+
+def cpu(args) -> None:
+    torch.set_num_threads(1)
+    print("| model | size | equalized / original | folded / original | equalizers left after fold |")
+    print("|---|---|---|---|---|")
+    for name, make in CPU_MODELS.items():
+        torch.manual_seed(0)
+        model = make().eval()
+        for size in args.sizes:
+            side = size // 4 if "3-D" in name else size
+            a, k = _input(name, 2, side, "cpu")
+            arms = {label: [m] + [copy.deepcopy(m) for _ in range(args.copies - 1)]
+                    for label, m in _arms(model, a, k).items()}
+            for copies in arms.values():  # warm up
+                _cpu_seconds(copies, a, k)
+            ratios = {"equalized": [], "folded": []}
+            for _ in range(args.rounds):
+                t = {label: _cpu_seconds(copies, a, k) for label, copies in arms.items()}
+                for label in ratios:
+                    ratios[label].append(t[label] / t["original"])
+            where = f"{side}^3" if "3-D" in name else f"{size} px"
+            print(f"| {name} | {where} | {statistics.median(ratios['equalized']):.3f} | "
+                  f"{statistics.median(ratios['folded']):.3f} | {len(se.equalizers(arms['folded'][0]))} |",
+                  flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU
+
+
+def _gpu_ms(step, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _eval_step(model, args, kwargs, dtype):
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            model(*args, **kwargs)
+    return step
+
+
+def _train_step(model, args, kwargs):
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = _logits(model(*args, **kwargs)).float().square().mean()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def gpu(args) -> None:
+    torch.backends.cudnn.benchmark = True
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; median over {args.rounds} interleaved rounds "
+          f"of the per-round ratio")
+    print("| model | sites (left after fold) | eval fp32 eq / orig | eval bf16 eq / orig | folded bf16 / orig | "
+          "train step bf16 eq / orig |")
+    print("|---|---|---|---|---|---|")
+    bf16 = torch.bfloat16
+    for name, make in GPU_MODELS.items():
+        torch.manual_seed(0)
+        a, k = _input(name, 2, 128, "cuda") if "3-D" in name else _input(name, 8, 512, "cuda")
+        arms = _arms(make().cuda().eval(), a, k)
+        columns = {
+            "eval fp32": {label: _eval_step(arms[label], a, k, None) for label in ("original", "equalized")},
+            "eval bf16": {label: _eval_step(arms[label], a, k, bf16) for label in ("original", "equalized")},
+            "folded bf16": {label: _eval_step(arms[label], a, k, bf16) for label in ("original", "folded")},
+            "train bf16": {label: _train_step(copy.deepcopy(arms[label]), a, k)
+                           for label in ("original", "equalized")},
+        }
+        cells = []
+        for steps in columns.values():
+            for step in steps.values():  # warm up (cuDNN's choice of kernels)
+                _gpu_ms(step, 3)
+            ratios = []
+            for _ in range(args.rounds):
+                base, other = (_gpu_ms(step, args.iters) for step in steps.values())
+                ratios.append(other / base)
+            cells.append(f"{statistics.median(ratios):.3f}")
+        print(f"| {name} | {len(se.equalizers(arms['equalized']))} ({len(se.equalizers(arms['folded']))}) | "
+              + " | ".join(cells) + " |", flush=True)
+        del arms, columns
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 192])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 192], help="CPU: input sizes")
+    parser.add_argument("--copies", type=int, default=3, help="CPU: deep copies per arm")
+    parser.add_argument("--iters", type=int, default=5, help="GPU: steps per timed round")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print("| model | size | equalized / original | folded / original | equalizers left after fold |")
-    print("|---|---|---|---|---|")
-    for name, make in MODELS.items():
-        torch.manual_seed(0)
-        model = make().eval()
-        for size in args.sizes:
-            a, k = _inputs(name, size)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                eq = se.equalize(model, a if a else k, [a[0] if a else k["pixel_values"]] * 2, progress=False)
-            folded = se.fold(eq)
-            models = {"original": model, "equalized": eq, "folded": folded}
-            for m in models.values():  # warm up
-                _cpu_seconds(m, a, k)
-            ratios = {"equalized": [], "folded": []}
-            for _ in range(args.rounds):
-                t = {label: _cpu_seconds(m, a, k) for label, m in models.items()}
-                for label in ratios:
-                    ratios[label].append(t[label] / t["original"])
-            side = f"{size // 4}^3" if "3-D" in name else f"{size} px"
-            print(f"| {name} | {side} | {statistics.median(ratios['equalized']):.3f} | "
-                  f"{statistics.median(ratios['folded']):.3f} | {len(se.equalizers(folded))} |", flush=True)
+    gpu(args) if args.device == "cuda" else cpu(args)
 
 
 if __name__ == "__main__":

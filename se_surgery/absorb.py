@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .runtime import foreign_hooks
 from .site import Consumer
 from .state import FoldReason
 
@@ -41,7 +42,7 @@ def refusal(model: nn.Module, consumer: Consumer | None) -> FoldReason | None:
     plain = type(module).forward in {cls.forward for cls in _PLAIN_CONVS} and isinstance(module, _PLAIN_CONVS)
     if not plain or module.groups != 1 or parametrize.is_parametrized(module) or \
             not isinstance(module._parameters.get("weight"), nn.Parameter) or \
-            module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__:
+            foreign_hooks(module) or "forward" in module.__dict__:
         return FoldReason.NOT_PLAIN_CONSUMER
     return None
 

@@ -8,6 +8,12 @@ the source line in the owner's forward that made it, and which of that line's ca
 Input size, graph breaks, ``no_grad`` regions and extra calls elsewhere do not change that identity. What cannot be
 matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an equalizer never acts on another tensor.
 
+The mode dispatches only the owner's own calls: an owner's sites are calls its own code makes (the graph names the
+innermost module as the owner), so the modules it calls (convs, norms, blocks) get hooks that take the mode off the
+stack for their call. An owner that is an ``nn.Upsample`` needs no mode at all: its call is the site, and its hooks
+equalize its input or output directly. So the run-time cost is the equalizers' arithmetic plus a few Python calls
+per owner and callee call.
+
 What one call needs (which call of an owner this is, the active modes) lives with the thread that makes it, never
 on the model, so any number of threads can run one model. The hooks hold no reference to the model's state: they
 find it through the model forward running on their thread (the model's own pre-hook announces it), so a copied
@@ -21,6 +27,7 @@ import sys
 import threading
 import weakref
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -48,7 +55,7 @@ class _Forward:
 class _PerThread(threading.local):
     def __init__(self) -> None:
         self.forwards: list[_Forward] = []          # equalized models whose forward runs here, innermost last
-        self.modes: dict[int, list[_OwnerMode]] = {}  # id(owner module) -> its active modes (recursion: a stack)
+        self.entered: dict[int, list[_Entered]] = {}  # id(hooked module) -> its running calls (recursion: a stack)
         self.handling = 0                           # >0 while one of our modes handles a call: others pass it on
         self.bypass = 0                             # >0: equalizers pass their input through (capturing)
 
@@ -276,6 +283,7 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
                              f"any more: se_surgery.equalize the plain model again.")
         _remove_hooks(module)
         _hook_owner(module, path, reg)
+        _sync_callees(model)
         for targets in reg.owners[path].sites.values():
             for name in targets.values():
                 reg[name].reset()
@@ -283,7 +291,56 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
     return renewed
 
 
-def _enter_owner(path: str, module: nn.Module, _args) -> None:
+class _Entered(NamedTuple):
+    """One running call of a hooked module on this thread: the owner mode it entered (or the module resize whose
+    output it equalizes) and the owner mode it paused."""
+
+    mode: _OwnerMode | None
+    resize: tuple[ScaleEqualizer, torch.Tensor] | None
+    paused: _OwnerMode | None
+
+
+def _pause() -> _OwnerMode | None:
+    """Take the owner mode on top of this thread's mode stack off it for the duration of a module call made inside
+    the owner's forward. An owner's sites are calls its own code makes, never a callee's (the graph names the
+    innermost module as the owner), so nothing inside a callee needs the mode's dispatch. Not while compiling
+    (torch.compile traces the mode; compiled code pays no dispatch), nor under another mode (the user's)."""
+    depth = torch._C._len_torch_function_stack()
+    if not depth or torch.compiler.is_compiling():
+        return None
+    top = torch._C._get_function_stack_at(depth - 1)
+    if not isinstance(top, _OwnerMode):
+        return None
+    torch._C._pop_torch_function_stack()
+    return top
+
+
+def _push(module: nn.Module, entered: _Entered) -> None:
+    _local.entered.setdefault(id(module), []).append(entered)
+
+
+def _pop(module: nn.Module) -> _Entered | None:
+    stack = _local.entered.get(id(module))
+    if not stack:
+        return None
+    entered = stack.pop()
+    if not stack:
+        del _local.entered[id(module)]
+    return entered
+
+
+def _enter_callee(module: nn.Module, _args) -> None:
+    """Pre-hook of the modules an owner's forward calls: pause the owner's mode."""
+    _push(module, _Entered(None, None, _pause()))
+
+
+def _leave_callee(module: nn.Module, _args, _out) -> None:
+    entered = _pop(module)
+    if entered is not None and entered.paused is not None:
+        torch._C._push_on_torch_function_stack(entered.paused)
+
+
+def _enter_owner(path: str, module: nn.Module, args):
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         raise fx_error()
     forward = _local.forwards[-1] if _local.forwards else None
@@ -305,7 +362,7 @@ def _enter_owner(path: str, module: nn.Module, _args) -> None:
         _homes[module] = forward.reg
     owner = forward.reg.owners.get(path)
     if owner is None:  # the registry no longer lists it (folded away): act as the plain module
-        return
+        return _enter_callee(module, args)
     call = forward.calls[path]
     forward.calls[path] = call + 1
     limit = owner.calls if not module.training or owner.train_calls is None else owner.train_calls
@@ -316,24 +373,65 @@ def _enter_owner(path: str, module: nn.Module, _args) -> None:
             f"{'training' if module.training and owner.train_calls is not None else 'eval-mode'} graph has {limit}: "
             f"its equalizers cannot tell which call is which (a path only taken in this mode or at this size, or a "
             f"shared module in gradient checkpointing). Equalize the model as you run it.")
-    mode = _OwnerMode(forward.reg, owner, call, module) if call < owner.calls else None  # extra training calls: plain
-    _local.modes.setdefault(id(module), []).append(mode)
-    if mode is not None:
-        mode.__enter__()
+    if call >= owner.calls:  # extra training calls: plain
+        return _enter_callee(module, args)
+    if _module_resize(module, args):
+        return _enter_resize(forward.reg, owner, call, module, args)
+    mode = _OwnerMode(forward.reg, owner, call, module)
+    _push(module, _Entered(mode, None, _pause()))
+    mode.__enter__()
+    return None
 
 
-def _leave_owner(path: str, module: nn.Module, _args, out) -> None:
-    stack = _local.modes.get(id(module))
-    if not stack:
-        return
-    mode = stack.pop()
-    if not stack:
-        del _local.modes[id(module)]
-    if mode is None:
-        return
-    mode.__exit__(None, None, None)
-    if out is None:
-        return  # the forward raised (always_call): that error is the one to see
+def _module_resize(module: nn.Module, args) -> bool:
+    """An ``nn.Upsample`` (or a subclass keeping its forward): its call is its site, no mode needed."""
+    return type(module).forward is _UPSAMPLE_FORWARD and len(args) == 1 and isinstance(args[0], torch.Tensor) and \
+        not torch.compiler.is_compiling()
+
+
+_UPSAMPLE_FORWARD = nn.Upsample.forward
+
+
+def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: nn.Module, args):
+    targets = next((t for key, t in owner.sites.items() if key.call == call), None)
+    if targets is None or _local.bypass:
+        return _enter_callee(module, args)
+    (name,) = targets.values()
+    equalizer, x = reg[name], args[0]
+    _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
+    _push(module, _Entered(None, (equalizer, x) if not equalizer.before_resize else None, _pause()))
+    if equalizer.before_resize:
+        return (_apply(equalizer, x),)
+    return None
+
+
+def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    _local.handling += 1  # (an owner mode above a user's mode must not take the equalizer's own ops for sites)
+    try:
+        return equalizer(x, source)
+    finally:
+        _local.handling -= 1
+
+
+def _leave_owner(path: str, module: nn.Module, _args, out):
+    entered = _pop(module)
+    if entered is None:
+        return None
+    try:
+        if entered.mode is not None:
+            entered.mode.__exit__(None, None, None)
+            if out is not None:  # (None: the forward raised, always_call: that error is the one to see)
+                _check_met(path, module, entered.mode)
+        elif entered.resize is not None and out is not None:
+            equalizer, x = entered.resize
+            return _apply(equalizer, out, x)
+        return None
+    finally:
+        if entered.paused is not None:
+            torch._C._push_on_torch_function_stack(entered.paused)
+
+
+def _check_met(path: str, module: nn.Module, mode: _OwnerMode) -> None:
     for key, targets in mode.owner.sites.items():
         if key.call != mode.call:
             continue
@@ -376,16 +474,52 @@ def _readable(module: nn.Module) -> bool:
         return False
 
 
-def _ours(hook) -> bool:
-    return isinstance(hook, functools.partial) and hook.func in (_enter_owner, _leave_owner) or \
-        hook in (_enter_model, _leave_model)
+def _ours(hook, kinds=("owner", "callee", "model")) -> bool:
+    return "owner" in kinds and isinstance(hook, functools.partial) and hook.func in (_enter_owner, _leave_owner) \
+        or "callee" in kinds and hook in (_enter_callee, _leave_callee) \
+        or "model" in kinds and hook in (_enter_model, _leave_model)
 
 
-def _remove_hooks(module: nn.Module) -> None:
+def foreign_hooks(module: nn.Module) -> bool:
+    """Whether the module has forward hooks other than se_surgery's."""
+    return any(not _ours(h) for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values())
+
+
+def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
+    return any(_ours(h, kinds) for h in module._forward_pre_hooks.values())
+
+
+def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee", "model")) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if _ours(h)]:
+        for key in [k for k, h in hooks.items() if _ours(h, kinds)]:
             del hooks[key]
             module._forward_hooks_always_called.pop(key, None)
+
+
+def _callees(module: nn.Module):
+    """The modules an owner's forward can call: its children, through containers that have no forward of their
+    own (``ModuleList``, ``ModuleDict``); never the equalizers."""
+    for child in module.children():
+        if isinstance(child, EqualizerRegistry):
+            continue
+        if type(child).forward is nn.Module.forward:
+            yield from _callees(child)
+        else:
+            yield child
+
+
+def _sync_callees(model: nn.Module) -> None:
+    """Give the modules the owners call (and only those) the hooks that pause an owner's mode during their call
+    (:func:`_pause`); an owner pauses its caller's mode itself."""
+    owners = [m for m in model.modules() if _has_hooks(m, ("owner",))]
+    wanted = {id(c) for o in owners for c in _callees(o) if not _has_hooks(c, ("owner",))}
+    for module in model.modules():
+        hooked = _has_hooks(module, ("callee",))
+        if hooked and id(module) not in wanted:
+            _remove_hooks(module, ("callee",))
+        elif not hooked and id(module) in wanted:
+            module.register_forward_pre_hook(_enter_callee)
+            module.register_forward_hook(_leave_callee, always_call=True)
 
 
 def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
@@ -418,13 +552,15 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         reg[name] = equalizer
         owner.add(site, name)
         added.append(equalizer)
+    _sync_callees(model)
     return added
 
 
 def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
     _homes[module] = reg
     module.register_forward_pre_hook(functools.partial(_enter_owner, path))
-    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True)
+    # first of the forward hooks: the user's see the equalized output, as if the forward had made it
+    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True, prepend=True)
 
 
 def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = False) -> None:
@@ -442,10 +578,11 @@ def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = Fa
         del reg.owners[site.owner]
         for module in model.modules():  # the owner and any copy of it (hooks name the path, not the module)
             if module is not model:
-                hooks = [h for h in module._forward_pre_hooks.values() if _ours(h)]
-                if hooks and all(getattr(h, "args", (None,))[0] == site.owner for h in hooks):
+                hooks = [h for h in module._forward_pre_hooks.values() if _ours(h, ("owner",))]
+                if hooks and all(h.args[0] == site.owner for h in hooks):
                     _remove_hooks(module)
     if not len(reg):
         _remove_hooks(model)
         if not keep_registry:
             del model.scale_equalizers
+    _sync_callees(model)

@@ -533,3 +533,42 @@ def test_state_dicts_that_lost_their_recipe_or_belong_elsewhere_are_refused():
     with pytest.raises(se.UsageError, match="saved from equalizers at other sites"):
         eq.load_state_dict(other.state_dict(), strict=False)
     assert all(torch.equal(before[k], v) for k, v in eq.state_dict().items())
+
+
+def test_the_runtime_dispatches_only_the_calls_an_owner_makes_itself(monkeypatch):
+    """Issue 21: the modules an owner calls run without its TorchFunctionMode, and an ``nn.Upsample`` owner needs no
+    mode at all; the equalizers act as before (standardized on the calibration data, folded exactly)."""
+    from se_surgery import runtime
+
+    seen = []
+    handle = runtime._OwnerMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func.__name__)
+        return handle(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(runtime._OwnerMode, "__torch_function__", spy)
+    data = _data()
+    eq = _eq(Small())
+    seen.clear()
+    with torch.no_grad():
+        eq(data[0])
+    assert "conv2d" not in seen and seen.count("interpolate") == 2 and "cat" in seen  # the head's own calls only
+
+    model, ups = TwoPaths(), []
+    model.up.register_forward_hook(lambda m, args, out: ups.append(out))  # the user's, from before: sees the
+    eq = _eq(model)                                                        # equalized map, as the forward made it
+    seen.clear()
+    ups.clear()
+    with torch.no_grad():
+        outs = [eq(x) for x in data]
+    assert seen == []
+    up = torch.cat(ups)
+    assert abs(up.mean().item()) < 1e-5 and abs(up.std(unbiased=False).item() - 1) < 1e-4
+    folded = se.fold(eq)  # the equalizer moves before the upsampling (the addition cannot absorb it)
+    (e,) = se.equalizers(folded)
+    assert e.before_resize
+    with torch.no_grad():
+        for x, want in zip(data, outs):
+            torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-5)
+    assert seen == []
