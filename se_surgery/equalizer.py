@@ -69,7 +69,7 @@ class ScaleEqualizer(nn.Module):
         self.is_calibrated = False
 
     def _shaped(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        value = value.to(x.dtype)
+        value = value if value.dtype == x.dtype else value.to(x.dtype)
         return value.view(-1, *([1] * (x.dim() - 2))) if self.per_channel else value
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
