@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="seeds per configuration (12)")
     parser.add_argument("--power-seeds", type=int, default=40,
                         help="seeds for PSPNet/SGD/shapes (a paired std of 0.015 needs ~40 for a +-0.005 interval)")
-    parser.add_argument("--power-arms", default="equalized,preserve", help="arms run to --power-seeds")
+    parser.add_argument("--power-arms", default="equalized,preserve,restore", help="arms run to --power-seeds")
     parser.add_argument("--arms", help="comma-separated: run only these arms")
     parser.add_argument("--encoder", help="smp encoder (resnet18; gpu: resnet50)")
     parser.add_argument("--device", help="cpu or cuda")
