@@ -51,8 +51,8 @@ def equalize(
         branches: ``"upsampled"`` (the paper's placement) or ``"all"`` (every input of those fusions).
         scale: ``"unit"`` (the paper's: mean 0, std 1) or ``"restore"`` (each upsampled branch gets back the std
             its map had before the resize; see :func:`se_surgery.calibrate`). In the README's evidence sweep
-            (training from scratch), ``"restore"`` avoids most of the loss the unit scale shows; neither beats the
-            baseline there.
+            (training from scratch), ``"restore"`` is at the baseline on PSPNet (+0.003 +- 0.005 mIoU at 50 seeds)
+            and loses less than the unit scale on UPerNet: use it to train with equalizers from the start.
         preserve_function: let each site's consumer absorb the statistics so the model computes what it did before.
         inplace: edit ``model`` itself instead of a deep copy.
         max_batches: calibrate on at most this many batches per level.
