@@ -336,7 +336,13 @@ def _enter_callee(module: nn.Module, _args) -> None:
 
 def _leave_callee(module: nn.Module, _args, _out) -> None:
     entered = _pop(module)
-    if entered is not None and entered.paused is not None:
+    if entered is not None:
+        _resume(entered)
+
+
+def _resume(entered: _Entered) -> None:
+    """Put back the owner mode this call paused."""
+    if entered.paused is not None:
         torch._C._push_on_torch_function_stack(entered.paused)
 
 
@@ -399,10 +405,9 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     (name,) = targets.values()
     equalizer, x = reg[name], args[0]
     _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
-    _push(module, _Entered(None, (equalizer, x) if not equalizer.before_resize else None, _pause()))
-    if equalizer.before_resize:
-        return (_apply(equalizer, x),)
-    return None
+    before = equalizer.before_resize
+    _push(module, _Entered(None, None if before else (equalizer, x), _pause()))
+    return (_apply(equalizer, x),) if before else None
 
 
 def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
@@ -427,8 +432,7 @@ def _leave_owner(path: str, module: nn.Module, _args, out):
             return _apply(equalizer, out, x)
         return None
     finally:
-        if entered.paused is not None:
-            torch._C._push_on_torch_function_stack(entered.paused)
+        _resume(entered)
 
 
 def _check_met(path: str, module: nn.Module, mode: _OwnerMode) -> None:
