@@ -47,9 +47,14 @@ class ScaleEqualizer(nn.Module):
 
     @property
     def before_resize(self) -> bool:
-        """fold() moved it onto its resize's input (exact: resizing commutes with it)."""
-        return self.folded in (FoldAction.MOVED, FoldAction.SCALE_FOLDED) and self.site is not None and \
-            self.site.kind == "upsample"
+        """Whether it acts on its resize's input instead of the output: the same map in exact arithmetic (an
+        interpolating resize's weights sum to one, so it commutes with ``x -> (x - mean) / std``, per channel too)
+        at 1/factor^d of the work. So it does in eager runs of a calibrated equalizer at an upsampling. It stays after
+        the resize while calibrating, while hooks watch its output (they see what enters the fusion), and while
+        torch.compile or torch.export traces (the compiler fuses it into the resize; graphs keep the paper's
+        placement, which the ONNX fold reads)."""
+        return self.site is not None and self.site.kind == "upsample" and self.observer is None and \
+            not (self._forward_hooks or self._forward_pre_hooks) and not torch.compiler.is_compiling()
 
     @property
     def name(self) -> str:

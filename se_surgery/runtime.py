@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
 from .ops import FUSION_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
-from .site import CallKey, Site, is_caller, source_key
+from .site import Site, is_caller, source_key
 from .state import EqualizerRegistry, OwnerSites, fx_error, registry
 
 
@@ -67,23 +67,22 @@ _homes: weakref.WeakKeyDictionary[nn.Module, EqualizerRegistry] = weakref.WeakKe
 
 
 @torch._dynamo.assume_constant_result
-def source_key_of_call() -> str:
+def traced_source_key() -> str | None:
     """:func:`~se_surgery.site.source_key` of the innermost ``forward`` on the way to the torch function being
-    handled (a helper such as ``self.decode(x)`` counts as its ``forward``'s line, as torch.export records it).
-
-    Eagerly, from the Python frames; while torch.compile traces, from the frames it is tracing (a constant of the
-    traced code). torch's own wrappers and se_surgery are skipped, as in the graph pass's stack traces."""
+    handled while torch.compile traces, from the frames it is tracing (a constant of the traced code); None where
+    no frames are traced (eagerly, and in torch.export's non-strict mode): the runtime reads the same from the
+    Python frames then (:func:`_forward_frame`)."""
     frames = TracingContext.extract_stack()
-    if len(frames):
-        found = next(((f.filename, f.lineno) for f in reversed(frames) if _forward(f.name, f.filename)), None)
-    else:
-        frame = _forward_frame()
-        found = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+    if not len(frames):
+        return None
+    found = next(((f.filename, f.lineno) for f in reversed(frames) if _forward(f.name, f.filename)), None)
     return source_key(*found) if found is not None else ""
 
 
 def _forward_frame():
-    """The innermost user ``forward`` frame on this thread's stack (eager only)."""
+    """The innermost user ``forward`` frame on this thread's stack (eager only): a helper such as
+    ``self.decode(x)`` counts as its ``forward``'s line, as torch.export records it. torch's own wrappers and
+    se_surgery are skipped, as in the graph pass's stack traces."""
     frame = sys._getframe(2)
     while frame is not None and not _forward(frame.f_code.co_name, frame.f_code.co_filename):
         frame = frame.f_back
@@ -122,40 +121,39 @@ class _OwnerMode(TorchFunctionMode):
     def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int, module: nn.Module) -> None:
         super().__init__()
         self.reg, self.owner, self.call, self.module = reg, owner, call, module
-        self.ops = owner.ops
+        self.funcs = _funcs(owner.ops)  # the torch functions that can be this owner's sites, and their op kind
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
         self.checkpointed = False  # a resize ran inside torch.utils.checkpoint from a line without sites
+        self.frame = None          # the owner's forward frame, once a site line has shown it
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _local.handling:  # a call made while one of our modes handles another (its own ops, a nested owner's)
-            return func(*args, **kwargs)
-        if func in RESIZE_FUNCS:
-            op = "resize" if resize_mode(func, args, kwargs) is not None else None
-        else:
-            op = "fusion" if func in FUSION_FUNCS else None
-        if op is None or op not in self.ops:
-            return func(*args, **kwargs)
+        op = self.funcs.get(func)
+        # (handling: a call made while one of our modes handles another: its own ops, a nested owner's)
+        if op is None or _local.handling or op == "resize" and resize_mode(func, args, kwargs or {}) is None:
+            return func(*args, **(kwargs or {}))
         _local.handling += 1
         try:
-            return self._handle(op, func, args, kwargs)
+            return self._handle(op, func, args, kwargs or {})
         finally:
             _local.handling -= 1
 
     def _handle(self, op: str, func, args, kwargs):
-        source = source_key_of_call()
+        source = traced_source_key() if torch.compiler.is_compiling() else None
+        frame = _forward_frame() if source is None else None
+        if source is None:
+            source = source_key(frame.f_code.co_filename, frame.f_lineno) if frame is not None else ""
         expected = self.owner.line_calls.get((self.call, op, source))
         if expected is None:  # a line without sites
             self.checkpointed = self.checkpointed or (op == "resize" and _in_checkpoint())
             return func(*args, **kwargs)
-        if not torch.compiler.is_compiling():
-            frame = _forward_frame()
-            if frame is not None and frame.f_locals.get("self") is not self.module:
+        if frame is not None and frame is not self.frame:
+            if frame.f_locals.get("self") is not self.module:
                 return func(*args, **kwargs)  # another module of the owner's class (a plain copy, a teacher)
+            self.frame = frame
         occurrence = self.seen[(op, source)]
         self.seen[(op, source)] = occurrence + 1
-        targets = self.owner.sites.get(CallKey(self.call, op, source, occurrence))
+        targets = self.owner.sites.get((self.call, op, source, occurrence))  # (a CallKey)
         if occurrence >= expected:
             name = next(iter(next(v for k, v in self.owner.sites.items() if k.source == source).values()))
             raise SiteMismatchError(
@@ -195,6 +193,13 @@ class _OwnerMode(TorchFunctionMode):
         if fusion.listed:
             return func(inputs, *args[1:], **kwargs)  # (args is empty where the list came as tensors=)
         return func(*inputs, **kwargs)
+
+
+@functools.cache
+def _funcs(ops: frozenset[str]) -> dict:
+    """The torch functions a mode for an owner with sites of these op kinds handles, and the kind of each."""
+    return {**({f: "resize" for f in RESIZE_FUNCS} if "resize" in ops else {}),
+            **({f: "fusion" for f in FUSION_FUNCS} if "fusion" in ops else {})}
 
 
 def _describe_inputs(inputs) -> str:
@@ -405,7 +410,7 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     (name,) = targets.values()
     equalizer, x = reg[name], args[0]
     _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
-    before = equalizer.before_resize
+    before = equalizer.before_resize and not foreign_hooks(module)  # (a user's pre-hook sees the raw input)
     _push(module, _Entered(None, None if before else (equalizer, x), _pause()))
     return (_apply(equalizer, x),) if before else None
 
