@@ -75,7 +75,7 @@ class ScaleEqualizer(nn.Module):
 
     def _shaped(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         value = value if value.dtype == x.dtype else value.to(x.dtype)
-        return value.view(-1, *([1] * (x.dim() - 2))) if self.per_channel else value
+        return value.view(-1, *([1] * (x.dim() - 2)))
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """Equalize ``x``; ``source`` (the resize's input, given by the runtime at resize sites) is only watched
@@ -88,7 +88,9 @@ class ScaleEqualizer(nn.Module):
                 f"ScaleEqualizer at {self.name} is not calibrated: call se_surgery.calibrate(model, data) "
                 f"(or pass calibration_data to se_surgery.equalize) before running the model."
             )
-        return (x - self._shaped(self.mean, x)) / self._shaped(self.std, x)
+        if self.per_channel:
+            return (x - self._shaped(self.mean, x)) / self._shaped(self.std, x)
+        return (x - self.mean) / self.std  # (0-dim statistics take x's dtype: no cast)
 
     def extra_repr(self) -> str:
         where = f"site={self.site.name}, " if self.site is not None else ""

@@ -171,8 +171,8 @@ class _OwnerMode(TorchFunctionMode):
             _check_resize(equalizer.site, resize_mode(func, args, kwargs), align_corners(func, args, kwargs), x)
             if _local.bypass:
                 return func(x, *args[1:], **kwargs)
-            if equalizer.before_resize:
-                return func(equalizer(x), *args[1:], **kwargs)
+            if equalizer.before_resize:  # (no hooks on it: its forward alone)
+                return func(equalizer.forward(x), *args[1:], **kwargs)
             return equalizer(func(x, *args[1:], **kwargs), x)
         return self._fusion(func, args, kwargs, targets)
 
@@ -410,15 +410,20 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     (name,) = targets.values()
     equalizer, x = reg[name], args[0]
     _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
-    before = equalizer.before_resize and not foreign_hooks(module)  # (a user's pre-hook sees the raw input)
-    _push(module, _Entered(None, None if before else (equalizer, x), _pause()))
-    return (_apply(equalizer, x),) if before else None
+    # (a user's pre-hook registered after ours sees the raw input: only ours there, two hooks, is the fast case)
+    before = equalizer.before_resize and (len(module._forward_pre_hooks) == 1 or not foreign_hooks(module))
+    paused = _pause()
+    if not before or paused is not None:  # (else nothing for the post-hook to do: an nn.Upsample calls no module)
+        _push(module, _Entered(None, None if before else (equalizer, x), paused))
+    return (_apply(equalizer, x, direct=True),) if before else None
 
 
-def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None,
+           direct: bool = False) -> torch.Tensor:
+    """Run the equalizer on ``x``; ``direct``: its forward alone, for an equalizer without hooks."""
     _local.handling += 1  # (an owner mode above a user's mode must not take the equalizer's own ops for sites)
     try:
-        return equalizer(x, source)
+        return equalizer.forward(x) if direct else equalizer(x, source)
     finally:
         _local.handling -= 1
 

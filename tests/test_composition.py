@@ -572,3 +572,35 @@ def test_the_runtime_dispatches_only_the_calls_an_owner_makes_itself(monkeypatch
         for x, want in zip(data, outs):
             torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-5)
     assert seen == []
+
+
+@pytest.mark.parametrize("build", [Small, TwoPaths], ids=["function_resize", "module_resize"])
+def test_an_equalizer_acts_on_its_resize_input_in_eager_runs_only(build):
+    """Issue 21: eagerly an upsampling's equalizer acts on the low-resolution input (1/factor^d of the work) and
+    gives the same map as acting on the output; hooked on the equalizer, calibrating or traced, it acts after."""
+    data = _data()
+    eq = _eq(build())
+    widths = []
+
+    def watch(e, args, out):  # forward hooks on an equalizer see what enters the fusion: the upsampled map
+        widths.append(args[0].shape[-1])
+
+    with torch.no_grad():
+        fast = [eq(x) for x in data]
+        assert all(e.before_resize for e in se.equalizers(eq))
+        handles = [e.register_forward_hook(watch) for e in se.equalizers(eq)]
+        assert not any(e.before_resize for e in se.equalizers(eq))
+        paper = [eq(x) for x in data]
+    for a, b in zip(fast, paper):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for h in handles:
+        h.remove()
+    shapes = []
+    for e in se.equalizers(eq):  # the equalizer's forward alone is called on the fast path: watch it there
+        e.forward = lambda x, source=None, e=e: (shapes.append(x.shape[-1]), type(e).forward(e, x, source))[1]
+    with torch.no_grad():
+        eq(data[0])
+    assert len(shapes) == len(se.equalizers(eq)) and all(a < b for a, b in zip(shapes, widths))
+    graph = torch.export.export(eq, (data[0],), strict=False).graph  # traced: the paper's placement, after it
+    subs = [n for n in graph.nodes if n.op == "call_function" and "sub" in str(n.target)]
+    assert len(subs) == len(se.equalizers(eq)) and all("upsample" in str(n.args[0].target) for n in subs)
