@@ -11,8 +11,9 @@ matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an equal
 The mode dispatches only the owner's own calls: an owner's sites are calls its own code makes (the graph names the
 innermost module as the owner), so the modules it calls (convs, norms, blocks) get hooks that take the mode off the
 stack for their call. An owner that is an ``nn.Upsample`` needs no mode at all: its call is the site, and its hooks
-equalize its input or output directly. So the run-time cost is the equalizers' arithmetic plus a few Python calls
-per owner and callee call.
+equalize its input or output directly. An upsampling's equalizer acts on the resize's input in eager runs, the same
+map at 1/factor^d of the work (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`). So the run-time cost is
+that arithmetic plus a few Python calls per owner and callee call.
 
 What one call needs (which call of an owner this is, the active modes) lives with the thread that makes it, never
 on the model, so any number of threads can run one model. The hooks hold no reference to the model's state: they
