@@ -411,8 +411,7 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     (name,) = targets.values()
     equalizer, x = reg[name], args[0]
     _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
-    # (a user's pre-hook registered after ours sees the raw input: only ours there, two hooks, is the fast case)
-    before = equalizer.before_resize and (len(module._forward_pre_hooks) == 1 or not foreign_hooks(module))
+    before = equalizer.before_resize and len(module._forward_pre_hooks) == 1  # (another pre-hook sees the raw input)
     paused = _pause()
     if not before or paused is not None:  # (else nothing for the post-hook to do: an nn.Upsample calls no module)
         _push(module, _Entered(None, None if before else (equalizer, x), paused))
