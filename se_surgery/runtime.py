@@ -130,19 +130,21 @@ class _OwnerMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         op = self.funcs.get(func)
+        kwargs = kwargs or {}
         # (handling: a call made while one of our modes handles another: its own ops, a nested owner's)
-        if op is None or _local.handling or op == "resize" and resize_mode(func, args, kwargs or {}) is None:
-            return func(*args, **(kwargs or {}))
+        if op is None or _local.handling or op == "resize" and resize_mode(func, args, kwargs) is None:
+            return func(*args, **kwargs)
         _local.handling += 1
         try:
-            return self._handle(op, func, args, kwargs or {})
+            return self._handle(op, func, args, kwargs)
         finally:
             _local.handling -= 1
 
     def _handle(self, op: str, func, args, kwargs):
+        frame = None
         source = traced_source_key() if torch.compiler.is_compiling() else None
-        frame = _forward_frame() if source is None else None
-        if source is None:
+        if source is None:  # eager (or non-strict export): from the Python frames
+            frame = _forward_frame()
             source = source_key(frame.f_code.co_filename, frame.f_lineno) if frame is not None else ""
         expected = self.owner.line_calls.get((self.call, op, source))
         if expected is None:  # a line without sites
@@ -172,8 +174,8 @@ class _OwnerMode(TorchFunctionMode):
             _check_resize(equalizer.site, resize_mode(func, args, kwargs), align_corners(func, args, kwargs), x)
             if _local.bypass:
                 return func(x, *args[1:], **kwargs)
-            if equalizer.before_resize:  # (no hooks on it: its forward alone)
-                return func(equalizer.forward(x), *args[1:], **kwargs)
+            if equalizer.before_resize:
+                return func(equalizer(x), *args[1:], **kwargs)
             return equalizer(func(x, *args[1:], **kwargs), x)
         return self._fusion(func, args, kwargs, targets)
 
@@ -415,15 +417,13 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     paused = _pause()
     if not before or paused is not None:  # (else nothing for the post-hook to do: an nn.Upsample calls no module)
         _push(module, _Entered(None, None if before else (equalizer, x), paused))
-    return (_apply(equalizer, x, direct=True),) if before else None
+    return (_apply(equalizer, x),) if before else None
 
 
-def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None,
-           direct: bool = False) -> torch.Tensor:
-    """Run the equalizer on ``x``; ``direct``: its forward alone, for an equalizer without hooks."""
+def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
     _local.handling += 1  # (an owner mode above a user's mode must not take the equalizer's own ops for sites)
     try:
-        return equalizer.forward(x) if direct else equalizer(x, source)
+        return equalizer(x, source)
     finally:
         _local.handling -= 1
 

@@ -596,7 +596,7 @@ def test_an_equalizer_acts_on_its_resize_input_in_eager_runs_only(build):
     for h in handles:
         h.remove()
     shapes = []
-    for e in se.equalizers(eq):  # the equalizer's forward alone is called on the fast path: watch it there
+    for e in se.equalizers(eq):  # no hook on it now (a hook would move it after the resize): watch its forward
         e.forward = lambda x, source=None, e=e: (shapes.append(x.shape[-1]), type(e).forward(e, x, source))[1]
     with torch.no_grad():
         eq(data[0])
