@@ -11,7 +11,13 @@ lie in memory is worth about 1% of a small model's forward on its own, and avera
 GPU (``--device cuda``): CUDA events; batch 8 at 512 px (MONAI: 2 x 128^3), ResNet-50 encoders; eval fp32, eval
 bf16 autocast, the folded model in bf16, and a training step (bf16 autocast, SGD) for each model.
 
-Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192]   (a quiet machine: no other job)
+The CPU table's first column is a second set of copies of the original against the first: the noise of the
+method on this machine. ``--floor`` adds the mechanism's floor: the original with what the runtime does per call
+and none of its work (each owner enters a pass-through ``TorchFunctionMode`` for its forward, every module it calls
+pauses it, an ``nn.Upsample`` owner pauses its caller's, the model gets a no-op hook pair; no site is recognised,
+nothing is equalized).
+
+Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--floor]   (a quiet machine: no other job)
      python benchmarks/runtime_overhead.py --device cuda [--rounds 20]
 """
 
@@ -24,11 +30,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import build  # noqa: E402
 
 import se_surgery as se  # noqa: E402
+from se_surgery.runtime import _callees  # noqa: E402
 
 
 def segformer(size: str):
@@ -117,28 +125,77 @@ def _copies(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
     return copies
 
 
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _floor(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with the runtime's per-call mechanism and none of its work (see the module docstring)."""
+    floor = copy.deepcopy(model)
+    _share_weights(model, floor)
+    owners = [floor.get_submodule(p) for p in equalized.scale_equalizers.owners]
+    paused = []
+
+    def pause(_module, _args):
+        depth = torch._C._len_torch_function_stack()
+        top = torch._C._get_function_stack_at(depth - 1) if depth else None
+        paused.append(torch._C._pop_torch_function_stack() if isinstance(top, _PassThrough) else None)
+
+    def resume(_module, _args, _out):
+        mode = paused.pop()
+        if mode is not None:
+            torch._C._push_on_torch_function_stack(mode)
+
+    def enter(module, args):  # (an owner pauses its caller's mode, as a callee does)
+        pause(module, args)
+        if not isinstance(module, torch.nn.Upsample):
+            _PassThrough().__enter__()
+
+    def leave(module, args, out):
+        if not isinstance(module, torch.nn.Upsample):
+            torch._C._pop_torch_function_stack()
+        resume(module, args, out)
+
+    floor.register_forward_pre_hook(lambda _module, _args: None)  # (the model's pair: which model runs)
+    floor.register_forward_hook(lambda _module, _args, _out: None, always_call=True)
+    for owner in owners:
+        owner.register_forward_pre_hook(enter)
+        owner.register_forward_hook(leave, always_call=True)
+        for callee in _callees(owner):
+            if all(callee is not o for o in owners):
+                callee.register_forward_pre_hook(pause)
+                callee.register_forward_hook(resume, always_call=True)
+    return floor
+
+
 def cpu(args) -> None:
     torch.set_num_threads(1)
-    print("| model | size | equalized / original | folded / original | equalizers left after fold |")
-    print("|---|---|---|---|---|")
+    labels = ["copy", "equalized", "folded"] + (["floor"] if args.floor else [])
+    print("| model | size | " + " | ".join(f"{label} / original" for label in labels) + " | left after fold |")
+    print("|---|---|" + "---|" * (len(labels) + 1))
     for name, make in CPU_MODELS.items():
+        if args.models and not any(m.lower() in name.lower() for m in args.models):
+            continue
         torch.manual_seed(0)
         model = make().eval()
         for size in args.sizes:
             side = size // 4 if "3-D" in name else size
             a, k = _input(name, 2, side, "cpu")
-            arms = {label: _copies(m, args.copies) for label, m in _arms(model, a, k).items()}
+            arms = {**_arms(model, a, k), "copy": model}
+            if args.floor:
+                arms["floor"] = _floor(model, arms["equalized"])
+            arms = {label: _copies(m, args.copies) for label, m in arms.items()}
             for copies in arms.values():  # warm up
                 _cpu_seconds(copies, a, k)
-            ratios = {"equalized": [], "folded": []}
+            ratios = {label: [] for label in labels}
             for _ in range(args.rounds):
                 t = {label: _cpu_seconds(copies, a, k) for label, copies in arms.items()}
                 for label in ratios:
                     ratios[label].append(t[label] / t["original"])
             where = f"{side}^3" if "3-D" in name else f"{size} px"
-            print(f"| {name} | {where} | {statistics.median(ratios['equalized']):.3f} | "
-                  f"{statistics.median(ratios['folded']):.3f} | {len(se.equalizers(arms['folded'][0]))} |",
-                  flush=True)
+            print(f"| {name} | {where} | " + " | ".join(f"{statistics.median(ratios[label]):.3f}" for label in labels)
+                  + f" | {len(se.equalizers(arms['folded'][0]))} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -215,6 +272,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 192], help="CPU: input sizes")
     parser.add_argument("--copies", type=int, default=3, help="CPU: deep copies per arm")
+    parser.add_argument("--models", nargs="+", help="CPU: only the models whose name contains one of these")
+    parser.add_argument("--floor", action="store_true", help="CPU: add the mechanism's floor (module docstring)")
     parser.add_argument("--iters", type=int, default=5, help="GPU: steps per timed round")
     args = parser.parse_args()
     gpu(args) if args.device == "cuda" else cpu(args)
