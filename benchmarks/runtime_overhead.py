@@ -12,12 +12,13 @@ GPU (``--device cuda``): CUDA events; batch 8 at 512 px (MONAI: 2 x 128^3), ResN
 bf16 autocast, the folded model in bf16, and a training step (bf16 autocast, SGD) for each model.
 
 The CPU table's first column is a second set of copies of the original against the first: the noise of the
-method on this machine. ``--floor`` adds the mechanism's floor: the original with what the runtime does per call
-and none of its work (each owner enters a pass-through ``TorchFunctionMode`` for its forward, every module it calls
-pauses it, an ``nn.Upsample`` owner pauses its caller's, the model gets a no-op hook pair; no site is recognised,
-nothing is equalized).
+method on this machine. ``--decompose`` splits the equalized model's cost in two more arms: *mechanism*, the
+original with what the runtime does per call and none of its work (each owner enters a pass-through
+``TorchFunctionMode`` for its forward, every module it calls pauses it, an ``nn.Upsample`` owner pauses its caller's,
+the model gets a no-op hook pair; no site is recognised, nothing is equalized), and *no arithmetic*, the equalized
+model whose equalizers return their input (the runtime's whole logic, none of the equalizers' arithmetic).
 
-Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--floor]   (a quiet machine: no other job)
+Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--decompose]   (a quiet machine)
      python benchmarks/runtime_overhead.py --device cuda [--rounds 20]
 """
 
@@ -130,11 +131,11 @@ class _PassThrough(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _floor(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
+def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with the runtime's per-call mechanism and none of its work (see the module docstring)."""
-    floor = copy.deepcopy(model)
-    _share_weights(model, floor)
-    owners = [floor.get_submodule(p) for p in equalized.scale_equalizers.owners]
+    mechanism = copy.deepcopy(model)
+    _share_weights(model, mechanism)
+    owners = [mechanism.get_submodule(p) for p in equalized.scale_equalizers.owners]
     paused = []
 
     def pause(_module, _args):
@@ -157,8 +158,8 @@ def _floor(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Modul
             torch._C._pop_torch_function_stack()
         resume(module, args, out)
 
-    floor.register_forward_pre_hook(lambda _module, _args: None)  # (the model's pair: which model runs)
-    floor.register_forward_hook(lambda _module, _args, _out: None, always_call=True)
+    mechanism.register_forward_pre_hook(lambda _module, _args: None)  # (the model's pair: which model runs)
+    mechanism.register_forward_hook(lambda _module, _args, _out: None, always_call=True)
     for owner in owners:
         owner.register_forward_pre_hook(enter)
         owner.register_forward_hook(leave, always_call=True)
@@ -166,12 +167,21 @@ def _floor(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Modul
             if all(callee is not o for o in owners):
                 callee.register_forward_pre_hook(pause)
                 callee.register_forward_hook(resume, always_call=True)
-    return floor
+    return mechanism
+
+
+def _without_arithmetic(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``equalized`` whose equalizers return their input."""
+    copied = copy.deepcopy(equalized)
+    _share_weights(model, copied)
+    for equalizer in se.equalizers(copied):
+        equalizer.forward = lambda x, source=None: x
+    return copied
 
 
 def cpu(args) -> None:
     torch.set_num_threads(1)
-    labels = ["copy", "equalized", "folded"] + (["floor"] if args.floor else [])
+    labels = ["copy", "equalized", "folded"] + (["mechanism", "no arithmetic"] if args.decompose else [])
     print("| model | size | " + " | ".join(f"{label} / original" for label in labels) + " | left after fold |")
     print("|---|---|" + "---|" * (len(labels) + 1))
     for name, make in CPU_MODELS.items():
@@ -183,8 +193,9 @@ def cpu(args) -> None:
             side = size // 4 if "3-D" in name else size
             a, k = _input(name, 2, side, "cpu")
             arms = {**_arms(model, a, k), "copy": model}
-            if args.floor:
-                arms["floor"] = _floor(model, arms["equalized"])
+            if args.decompose:
+                arms["mechanism"] = _mechanism(model, arms["equalized"])
+                arms["no arithmetic"] = _without_arithmetic(model, arms["equalized"])
             arms = {label: _copies(m, args.copies) for label, m in arms.items()}
             for copies in arms.values():  # warm up
                 _cpu_seconds(copies, a, k)
@@ -273,7 +284,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 192], help="CPU: input sizes")
     parser.add_argument("--copies", type=int, default=3, help="CPU: deep copies per arm")
     parser.add_argument("--models", nargs="+", help="CPU: only the models whose name contains one of these")
-    parser.add_argument("--floor", action="store_true", help="CPU: add the mechanism's floor (module docstring)")
+    parser.add_argument("--decompose", action="store_true", help="CPU: add the mechanism-only and no-arithmetic arms")
     parser.add_argument("--iters", type=int, default=5, help="GPU: steps per timed round")
     args = parser.parse_args()
     gpu(args) if args.device == "cuda" else cpu(args)
