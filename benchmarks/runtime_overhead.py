@@ -20,6 +20,7 @@ model whose equalizers return their input (the runtime's whole logic, none of th
 
 Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--decompose]   (a quiet machine)
      python benchmarks/runtime_overhead.py --device cuda [--rounds 20]
+     python benchmarks/runtime_overhead.py --dry-run --rounds 1 --iters 1   (the GPU table's code, on the CPU)
 """
 
 import argparse
@@ -213,7 +214,12 @@ def cpu(args) -> None:
 # GPU
 
 
-def _gpu_ms(step, iters: int) -> float:
+def _gpu_ms(step, iters: int, device: str) -> float:
+    if device == "cpu":  # (--dry-run: wall time, only to see that the table runs)
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return (time.perf_counter() - start) * 1000 / iters
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
@@ -225,7 +231,7 @@ def _gpu_ms(step, iters: int) -> float:
 
 def _eval_step(model, args, kwargs, dtype):
     def step():
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        with torch.no_grad(), torch.autocast(_device(model), dtype=dtype, enabled=dtype is not None):
             model(*args, **kwargs)
     return step
 
@@ -236,25 +242,34 @@ def _train_step(model, args, kwargs):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(_device(model), dtype=torch.bfloat16):
             loss = _logits(model(*args, **kwargs)).float().square().mean()
         loss.backward()
         optimizer.step()
     return step
 
 
+def _device(model: torch.nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
 def gpu(args) -> None:
+    device = "cpu" if args.dry_run else "cuda"
     torch.backends.cudnn.benchmark = True
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; median over {args.rounds} interleaved rounds "
-          f"of the per-round ratio")
+    where = "dry run on the CPU (batch 2, 64 px, MONAI 32^3; wall time)" if args.dry_run else \
+        torch.cuda.get_device_name()
+    print(f"{where}, torch {torch.__version__}; median over {args.rounds} interleaved rounds of the per-round ratio")
     print("| model | sites (left after fold) | eval fp32 eq / orig | eval bf16 eq / orig | folded bf16 / orig | "
           "train step bf16 eq / orig |")
     print("|---|---|---|---|---|---|")
     bf16 = torch.bfloat16
     for name, make in GPU_MODELS.items():
         torch.manual_seed(0)
-        a, k = _input(name, 2, 128, "cuda") if "3-D" in name else _input(name, 8, 512, "cuda")
-        arms = _arms(make().cuda().eval(), a, k)
+        batch, side = (2, 128) if "3-D" in name else (8, 512)
+        if args.dry_run:
+            batch, side = 2, side // 4 if "3-D" in name else 64
+        a, k = _input(name, batch, side, device)
+        arms = _arms(make().to(device).eval(), a, k)
         columns = {
             "eval fp32": {label: _eval_step(arms[label], a, k, None) for label in ("original", "equalized")},
             "eval bf16": {label: _eval_step(arms[label], a, k, bf16) for label in ("original", "equalized")},
@@ -265,16 +280,17 @@ def gpu(args) -> None:
         cells = []
         for steps in columns.values():
             for step in steps.values():  # warm up (cuDNN's choice of kernels)
-                _gpu_ms(step, 3)
+                _gpu_ms(step, 3, device)
             ratios = []
             for _ in range(args.rounds):
-                base, other = (_gpu_ms(step, args.iters) for step in steps.values())
+                base, other = (_gpu_ms(step, args.iters, device) for step in steps.values())
                 ratios.append(other / base)
             cells.append(f"{statistics.median(ratios):.3f}")
         print(f"| {name} | {len(se.equalizers(arms['equalized']))} ({len(se.equalizers(arms['folded']))}) | "
               + " | ".join(cells) + " |", flush=True)
         del arms, columns
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -286,8 +302,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="CPU: only the models whose name contains one of these")
     parser.add_argument("--decompose", action="store_true", help="CPU: add the mechanism-only and no-arithmetic arms")
     parser.add_argument("--iters", type=int, default=5, help="GPU: steps per timed round")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="GPU: run the GPU table's code on the CPU, small and untimed, before a device session")
     args = parser.parse_args()
-    gpu(args) if args.device == "cuda" else cpu(args)
+    gpu(args) if args.device == "cuda" or args.dry_run else cpu(args)
 
 
 if __name__ == "__main__":
