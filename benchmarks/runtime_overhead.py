@@ -134,8 +134,7 @@ class _PassThrough(TorchFunctionMode):
 
 def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with the runtime's per-call mechanism and none of its work (see the module docstring)."""
-    mechanism = copy.deepcopy(model)
-    _share_weights(model, mechanism)
+    (mechanism,) = _copies(model, 1)
     owners = [mechanism.get_submodule(p) for p in equalized.scale_equalizers.owners]
     paused = []
 
@@ -171,10 +170,9 @@ def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.M
     return mechanism
 
 
-def _without_arithmetic(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
+def _without_arithmetic(equalized: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``equalized`` whose equalizers return their input."""
-    copied = copy.deepcopy(equalized)
-    _share_weights(model, copied)
+    (copied,) = _copies(equalized, 1)
     for equalizer in se.equalizers(copied):
         equalizer.forward = lambda x, source=None: x
     return copied
@@ -196,7 +194,7 @@ def cpu(args) -> None:
             arms = {**_arms(model, a, k), "copy": model}
             if args.decompose:
                 arms["mechanism"] = _mechanism(model, arms["equalized"])
-                arms["no arithmetic"] = _without_arithmetic(model, arms["equalized"])
+                arms["no arithmetic"] = _without_arithmetic(arms["equalized"])
             arms = {label: _copies(m, args.copies) for label, m in arms.items()}
             for copies in arms.values():  # warm up
                 _cpu_seconds(copies, a, k)
