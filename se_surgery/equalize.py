@@ -124,20 +124,23 @@ def equalize(
 
 
 def _in_tree(model: nn.Module, sites: list[Site]) -> list[Site]:
-    """The sites that the graph places in their owner's own ``forward``. A call that the graph gives to an owner
-    but whose source line is in another class's ``forward`` comes from a module outside the model's tree (a model
-    kept in a global or a plain attribute, called from the forward): no hook can reach it, so it is left out, with
-    a warning."""
+    """The sites that the graph places in their owner's own ``forward`` (its class's, or a base class's that it
+    calls through ``super().forward``). A call that the graph gives to an owner but whose source line is in another
+    class's ``forward`` comes from a module that no module call of the model runs: one outside the model's tree (a
+    model kept in a global or a plain attribute) or a submodule's ``forward`` called directly. No hook can reach
+    it, so it is left out, with a warning that says so."""
     kept, outside = [], []
     for site in sites:
         function = site.source.rpartition("+")[0]
-        own = getattr(type(model.get_submodule(site.owner)).forward, "__qualname__", "")
-        (outside if function and function != own else kept).append(site)
+        own = {getattr(c.forward, "__qualname__", "") for c in type(model.get_submodule(site.owner)).__mro__
+               if "forward" in vars(c)}
+        (outside if function and function not in own else kept).append(site)
     if outside:
         where = outside[0].source.rpartition("+")[0]
         warnings.warn(f"se_surgery: {', '.join(s.name for s in outside)} come from {where}, a module outside "
-                      f"{type(model).__name__}'s module tree (called from its forward); they are not equalized. Make "
-                      f"that module a submodule to equalize it.", stacklevel=3)
+                      f"{type(model).__name__}'s module tree (called from its forward) or a submodule whose "
+                      f".forward(...) is called directly, which skips its module hooks; they are not equalized. Make "
+                      f"that module a submodule and call it as module(x) to equalize it.", stacklevel=3)
     return kept
 
 

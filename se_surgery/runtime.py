@@ -90,6 +90,19 @@ def _forward_frame():
     return frame
 
 
+def _module_call(frame):
+    """The innermost frame of ``nn.Module``'s call machinery at or above ``frame``: the call that runs a forward
+    frame (with its decorators' wrappers between them), or that runs a pre-hook. An owner's forward is recognised by
+    this frame, the one its pre-hook ran in, whatever its first parameter is called and without reading its locals;
+    a ``super().forward(x)`` or ``self.block.forward(x)`` inside it belongs to the same call."""
+    while frame is not None and frame.f_code is not _CALL_IMPL:
+        frame = frame.f_back
+    return frame
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
 def _forward(name: str, filename: str) -> bool:
     """A user's ``forward`` frame, or the rest of one that torch.compile resumes after a graph break."""
     return (name == "forward" or name.startswith("torch_dynamo_resume_in_forward")) and is_caller(filename)
@@ -119,9 +132,10 @@ class _OwnerMode(TorchFunctionMode):
     """Active during one call of an owner's forward: recognises the site calls and routes them through the
     equalizers; records which it met."""
 
-    def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int, module: nn.Module) -> None:
+    def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int, caller) -> None:
         super().__init__()
-        self.reg, self.owner, self.call, self.module = reg, owner, call, module
+        self.reg, self.owner, self.call = reg, owner, call
+        self.caller = caller  # the frame of nn.Module's call machinery that runs this owner call (eager; else None)
         self.funcs = _funcs(owner.ops)  # the torch functions that can be this owner's sites, and their op kind
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
@@ -151,8 +165,8 @@ class _OwnerMode(TorchFunctionMode):
             self.checkpointed = self.checkpointed or (op == "resize" and _in_checkpoint())
             return func(*args, **kwargs)
         if frame is not None and frame is not self.frame:
-            if frame.f_locals.get("self") is not self.module:
-                return func(*args, **kwargs)  # another module of the owner's class (a plain copy, a teacher)
+            if _module_call(frame) is not self.caller:
+                return func(*args, **kwargs)  # another module's forward (a plain copy of the owner, a teacher)
             self.frame = frame
         occurrence = self.seen[(op, source)]
         self.seen[(op, source)] = occurrence + 1
@@ -391,7 +405,8 @@ def _enter_owner(path: str, module: nn.Module, args):
         return _enter_callee(module, args)
     if _module_resize(module, args):
         return _enter_resize(forward.reg, owner, call, module, args)
-    mode = _OwnerMode(forward.reg, owner, call, module)
+    caller = None if torch.compiler.is_compiling() else _module_call(sys._getframe(1))  # (traced: no frames)
+    mode = _OwnerMode(forward.reg, owner, call, caller)
     _push(module, _Entered(mode, None, _pause()))
     mode.__enter__()
     return None

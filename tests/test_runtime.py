@@ -1,0 +1,113 @@
+"""The runtime at the seams where other code meets it: how an owner's forward is written (its first parameter,
+decorators, ``super().forward``), subclasses of ``nn.Upsample``, and how a call reaches it."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import se_surgery as se
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def _data(n=3, size=32):
+    return [torch.randn(2, 3, size, size) for _ in range(n)]
+
+
+class NotSelf(nn.Module):
+    """conv -> interpolate -> cat -> conv, written with ``s`` for ``self``: 1 site, owned by the root."""
+
+    def __init__(s):
+        super().__init__()
+        s.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        s.fuse = nn.Conv2d(7, 2, 1)
+
+    def forward(s, x):
+        return s.fuse(torch.cat([F.interpolate(s.a(x), scale_factor=2, mode="bilinear"), x], 1))
+
+
+class This(NotSelf):
+    def forward(this, x):  # noqa: N805 (some codebases spell it so)
+        up = F.interpolate(this.a(x), scale_factor=2, mode="bilinear")
+        return this.fuse(torch.cat([up, x], 1))
+
+
+def _logged(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class Decorated(NotSelf):
+    @_logged
+    def forward(me, x):  # noqa: N805
+        up = F.interpolate(me.a(x), scale_factor=2, mode="bilinear")
+        return me.fuse(torch.cat([up, x], 1))
+
+
+class CallsSuper(NotSelf):
+    """A subclass whose forward calls ``super().forward(x)``: the site is in the base class's forward."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Up(nn.Upsample):
+    """An ``nn.Upsample`` subclass with a forward of its own."""
+
+    def forward(self, x):
+        return super().forward(x) + 0
+
+
+class WithUp(nn.Module):
+    """An ``nn.Upsample`` subclass feeding a concatenation: 1 site, owned by ``up``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = Up(scale_factor=2, mode="bilinear")
+        self.fuse = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.up(self.a(x)), x], 1))
+
+
+def _by_hand(model, eq, x):
+    """What the equalized model must compute: the plain model with the one site's resize output equalized."""
+    (e,) = se.equalizers(eq)
+    up = F.interpolate(model.a(x), scale_factor=2, mode="bilinear")
+    return model.fuse(torch.cat([(up - e.mean) / e.std, x], 1))
+
+
+@pytest.mark.parametrize("cls", [NotSelf, This, Decorated, CallsSuper, WithUp])
+def test_an_owner_is_known_by_its_call_whatever_its_forward_calls_its_first_parameter(cls):
+    model = cls().eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    assert len(se.equalizers(eq)) == 1
+    for x in (data[0], torch.randn(1, 3, 48, 48)):  # the example size and another
+        with torch.no_grad():
+            expected = _by_hand(model, eq, x) * (2 if cls is CallsSuper else 1)
+            torch.testing.assert_close(eq(x), expected)
+            assert not torch.allclose(eq(x), model(x))
+
+
+def test_a_plain_model_of_the_owners_class_called_inside_its_forward_is_left_alone():
+    teacher = NotSelf().eval()
+    model = NotSelf().eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    taught = []
+    eq.register_forward_pre_hook(lambda m, args: taught.append(teacher(args[0])))  # inside the owner's mode
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(x), _by_hand(model, eq, x))
+        torch.testing.assert_close(taught[0], teacher(x))
