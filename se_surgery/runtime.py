@@ -405,7 +405,7 @@ def _enter_owner(path: str, module: nn.Module, args):
         return _enter_callee(module, args)
     if _module_resize(module, args):
         return _enter_resize(forward.reg, owner, call, module, args)
-    caller = None if torch.compiler.is_compiling() else _module_call(sys._getframe(1))  # (traced: no frames)
+    caller = None if torch.compiler.is_dynamo_compiling() else _module_call(sys._getframe(1))  # (no frames)
     mode = _OwnerMode(forward.reg, owner, call, caller)
     _push(module, _Entered(mode, None, _pause()))
     mode.__enter__()

@@ -98,6 +98,9 @@ def test_an_owner_is_known_by_its_call_whatever_its_forward_calls_its_first_para
             expected = _by_hand(model, eq, x) * (2 if cls is CallsSuper else 1)
             torch.testing.assert_close(eq(x), expected)
             assert not torch.allclose(eq(x), model(x))
+    # capturing the equalized model (torch.export runs the forward through its own tracer) finds the same site
+    report = se.scale_report(eq, (data[0],), data, progress=False)
+    assert [r.equalized for r in report.rows] == [True, False]
 
 
 def test_a_plain_model_of_the_owners_class_called_inside_its_forward_is_left_alone():
