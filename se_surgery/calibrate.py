@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .equalizer import ScaleEqualizer
-from .errors import CalibrationError, UsageError
+from .errors import CalibrationError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
-from .modes import eval_mode
+from .modes import norm_mode, resolve_norm, running_norms, untrained_norms
 from .runtime import equalizers, reattach, registry
 
 InputFn = Callable[[Any], Any]
@@ -140,6 +139,12 @@ class _Observer:
         std = std / source_std
         return mean * (1 - std), std
 
+    def target(self) -> torch.Tensor:
+        """The std the equalizer's output has on the calibration data: 1, or the source's for ``"restore"``."""
+        if self.source is None:
+            return torch.ones_like(self.moments.mean)
+        return _frozen_statistics(self.equalizer, self.source)[1].to(torch.float64)
+
 
 SCALES = ("unit", "restore")
 
@@ -183,8 +188,10 @@ def input_batches(model: nn.Module, data: Iterable, *, max_batches: int | None, 
 
 def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Iterable, *,
                     max_batches: int | None = None, progress: bool = True, desc: str = "calibrating",
-                    input_fn: InputFn | None = None, scale: str = "unit") -> None:
-    """One pass over ``data``: measure the inputs of ``targets`` (acting as identity meanwhile), then freeze them."""
+                    input_fn: InputFn | None = None, scale: str = "unit",
+                    norm: str = "running") -> dict[str, torch.Tensor]:
+    """One pass over ``data`` with the norm layers as ``norm`` says ("batch" or "running"): measure the inputs of
+    ``targets`` (acting as identity meanwhile), then freeze them. Returns each one's output std on the data."""
     observers = [_Observer(eq, scale) for eq in targets]
     for eq, obs in zip(targets, observers):
         eq.observer = obs
@@ -194,12 +201,12 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
         eq.observer = _ignore
     seen = 0
     try:
-        with eval_mode(model), torch.no_grad():
+        with norm_mode(model, norm), torch.no_grad():
             for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=progress,
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
-                model(*args, **kwargs)
+                run_batch(model, args, kwargs, norm)
                 seen += 1
     finally:
         for eq in targets + waiting:
@@ -224,6 +231,21 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                 f"site {eq.name} was never reached during calibration: the model took another path on the "
                 f"calibration data than on example_inputs.")
         eq.set_statistics(*obs.statistics())
+    return {eq.name: obs.target() for eq, obs in zip(targets, observers)}
+
+
+def run_batch(model: nn.Module, args: tuple, kwargs: dict, norm: str) -> Any:
+    """One forward; with ``norm="batch"``, torch's refusal of a one-value batch statistic says what to do."""
+    try:
+        return model(*args, **kwargs)
+    except ValueError as error:
+        if norm != "batch" or "Expected more than 1 value per channel" not in str(error):
+            raise
+        raise CalibrationError(
+            f"norm='batch' measures with the norm layers normalising each batch with its own statistics, as in "
+            f"training, and a BatchNorm here meets one value per channel ({error}): calibrate on batches of at "
+            f"least 2 samples, as training uses, or pass norm='running' (the running statistics, as in eval "
+            f"mode).") from error
 
 
 def _frozen_statistics(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +254,8 @@ def _frozen_statistics(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[tor
     dead = std <= DEAD_RELATIVE_STD * (mean * mean + std * std).sqrt()
     if eq.per_channel and dead.any() and not dead.all():
         # Constant channels (dead ReLUs) are common; (x - mean) maps them to 0 whatever the std.
-        warnings.warn(f"se_surgery: site {eq.name}: {int(dead.sum())} of {std.numel()} channels are constant on "
-                      f"the calibration data; their std is set to 1.", stacklevel=4)
+        warn(f"se_surgery: site {eq.name}: {int(dead.sum())} of {std.numel()} channels are constant on "
+             f"the calibration data; their std is set to 1.")
         std = torch.where(dead, torch.ones_like(std), std)
     elif dead.any():
         raise CalibrationError(
@@ -242,11 +264,10 @@ def _frozen_statistics(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[tor
             f"a dead branch, its input is constant up to rounding). Dividing by that std would amplify rounding "
             f"noise. Calibrate on real, varied data, or check the layers before it ({eq.site.where}).")
     if bool((std < TINY_STD).any()):
-        warnings.warn(f"se_surgery: site {eq.name}: its input has std {std.min().item():.3g} (mean "
-                      f"{mean.abs().max().item():.3g}), far below what features usually carry; the equalizer "
-                      f"multiplies it by {1 / std.min().item():.3g}, which also amplifies rounding noise. Calibrate "
-                      f"with trained weights and real data, or check the layers before it ({eq.site.where}).",
-                      stacklevel=4)
+        warn(f"se_surgery: site {eq.name}: its input has std {std.min().item():.3g} (mean "
+             f"{mean.abs().max().item():.3g}), far below what features usually carry; the equalizer "
+             f"multiplies it by {1 / std.min().item():.3g}, which also amplifies rounding noise. Calibrate "
+             f"with trained weights and real data, or check the layers before it ({eq.site.where}).")
     return mean.to(eq.mean.dtype), std.to(eq.std.dtype)
 
 
@@ -255,7 +276,7 @@ def _ignore(_x: torch.Tensor, _source: torch.Tensor | None) -> None:
 
 
 def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None, progress: bool = True,
-              input_fn: InputFn | None = None, scale: str = "unit") -> nn.Module:
+              input_fn: InputFn | None = None, scale: str | None = None, norm: str | None = None) -> nn.Module:
     """(Re)measure every equalizer of an equalized model on ``data``, level by level; returns the model.
 
     Args:
@@ -269,9 +290,17 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
         scale: ``"unit"`` (the paper's): every equalized branch leaves with mean 0 and std 1. ``"restore"``: each
             upsampled branch keeps its mean and gets back the std its map had before the upsampling (``x -> mu +
             (x - mu) * sigma_before / sigma``), so it enters the fusion on the scale of the branches that were not
-            upsampled instead of above them. Only for ``branches="upsampled"`` models.
+            upsampled instead of above them. Only for ``branches="upsampled"`` models. ``None``: the scale the
+            model was calibrated with (``"unit"`` if never).
+        norm: how the norm layers with running statistics (BatchNorm, SyncBatchNorm, InstanceNorm with
+            ``track_running_stats``) normalise while measuring: ``"batch"`` (each batch's own statistics, as
+            training sees them), ``"running"`` (their running statistics, as eval mode does) or ``"auto"`` (as the
+            model's ``.training`` flag says now). ``None``: the mode the model was calibrated with (``"auto"`` if
+            never). Running statistics are left bit for bit as they were; dropout and drop-path are off.
 
-    Runs under ``torch.no_grad()`` in eval mode on the model's device, and restores the model's modes.
+    Runs under ``torch.no_grad()`` on the model's device, and restores the model's modes. Afterwards each
+    equalizer's output is checked on (up to :data:`CHECK_BATCHES` of) the data in the other norm mode, with a
+    warning where it is far from its target there.
     """
     eqs = equalizers(model)
     if not eqs:
@@ -283,24 +312,108 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
         raise UsageError(f"{', '.join(folded)} were folded into the model's weights by se_surgery.fold; "
                          f"recalibrating them would change what the folded model computes. Calibrate the equalized "
                          f"model before folding, then fold again.")
-    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn, scale=scale)
+    reg = registry(model)
+    scale = scale if scale is not None else reg.scale or "unit"
+    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn, scale=scale,
+               norm=norm if norm is not None else reg.norm or "auto")
     return model
 
 
+def choose_norm(model: nn.Module, norm: str) -> str:
+    """``norm`` resolved to "batch" or "running". Running statistics that are still their initial values describe
+    no data: with ``"auto"`` that switches to "batch" with a warning naming the layers, an explicit ``"running"``
+    is an error."""
+    chosen = resolve_norm(model, norm)
+    fresh = untrained_norms(model) if chosen == "running" else []
+    if not fresh:
+        return chosen
+    shown = f"{', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''} ({len(fresh)} layer(s))"
+    if norm == "running":
+        raise CalibrationError(
+            f"norm='running' measures with the norm layers' running statistics, but {shown} still hold their "
+            f"initial values (mean 0, variance 1, no batch seen): in eval mode they do not normalise, so the "
+            f"statistics would not be those of training or of a trained model. Pass norm='batch' (as training "
+            f"sees them), or update the running statistics first (training-mode forwards).")
+    warn(f"se_surgery: {type(model).__name__} is in eval mode, but {shown} hold their initial running statistics, "
+         f"which describe no data; measuring with batch statistics instead (norm='batch', as training sees them). "
+         f"Pass norm='batch' to say so, or train or update the norm layers before calibrating in eval mode.")
+    return "batch"
+
+
+# How many batches the check in the other norm mode reads (it warns, it measures nothing that is kept).
+CHECK_BATCHES = 4
+# An equalizer whose output std, in the other norm mode, is outside this range of its target gets a warning.
+TARGET_RANGE = (0.5, 2.0)
+
+
 def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, max_batches: int | None,
-               progress: bool, input_fn: InputFn | None, scale: str = "unit",
+               progress: bool, input_fn: InputFn | None, scale: str = "unit", norm: str = "auto",
                after_level: Callable | None = None) -> None:
-    """Calibrate ``eqs`` level by level, one pass over ``data`` per level."""
+    """Calibrate ``eqs`` level by level, one pass over ``data`` per level, with the norm layers as ``norm`` says;
+    record the scale and the norm mode on the model; check the outputs in the other norm mode."""
     check_scale(scale, eqs)
+    norm = choose_norm(model, norm)
     levels = sorted({eq.site.level for eq in eqs})
-    if len(levels) > 1 and isinstance(data, Iterator):
+    if isinstance(data, Iterator):
         data = _Replay(data)
+    targets: dict[str, torch.Tensor] = {}
     for level in levels:
-        targets = [eq for eq in eqs if eq.site.level == level]
-        calibrate_level(model, targets, data, max_batches=max_batches, progress=progress,
-                        desc=f"calibrating level {level}", input_fn=input_fn, scale=scale)
+        at_level = [eq for eq in eqs if eq.site.level == level]
+        targets.update(calibrate_level(model, at_level, data, max_batches=max_batches, progress=progress,
+                                       desc=f"calibrating level {level}", input_fn=input_fn, scale=scale,
+                                       norm=norm))
         if after_level is not None:
-            after_level(targets)
+            after_level(at_level)
+    reg = registry(model)
+    reg.scale, reg.norm, reg.spreads = scale, norm, {}  # (the spreads of other statistics are gone)
+    _check_other_mode(model, eqs, targets, data, norm, max_batches, input_fn)
+
+
+def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict[str, torch.Tensor],
+                      data: Iterable, norm: str, max_batches: int | None, input_fn: InputFn | None) -> None:
+    """Warn where an equalizer's output, in the norm mode it was not calibrated in, is far from its target.
+
+    Skipped where that mode is eval mode and norm layers hold their initial running statistics (a model built
+    for training: its eval mode has no scales yet), where the model has no norm layer with running statistics
+    (both modes are one), and where batch statistics cannot be taken (batches of one)."""
+    other = "running" if norm == "batch" else "batch"
+    if not running_norms(model) or other == "running" and untrained_norms(model):
+        return
+    found = {eq.name: RunningMoments(tuple(d for d in range(len(eq.site.shape)) if d != 1) if eq.per_channel
+                                     else None) for eq in eqs}
+    hooks = [eq.register_forward_hook(lambda e, _i, out: found[e.name].update(out)) for eq in eqs]
+    limit = CHECK_BATCHES if max_batches is None else min(CHECK_BATCHES, max_batches)
+    try:
+        with norm_mode(model, other), torch.no_grad():
+            for _index, args, kwargs in input_batches(model, data, max_batches=limit, progress=False,
+                                                    desc="checking", input_fn=input_fn):
+                run_batch(model, args, kwargs, other)
+    except CalibrationError:
+        return  # batches of one: no batch statistics to check against
+    finally:
+        for hook in hooks:
+            hook.remove()
+    off = []
+    for eq in eqs:
+        moments = found[eq.name]
+        if moments.mean is None:
+            continue
+        ratio = moments.std / targets[eq.name].to(moments.std)
+        worst = ratio[(ratio.log().abs()).argmax()] if ratio.dim() else ratio
+        if not bool(torch.isfinite(worst)) or not TARGET_RANGE[0] <= float(worst) <= TARGET_RANGE[1]:
+            off.append(f"{eq.name} {float(worst):.3g}x")
+    if off:
+        calibrated, other_text = _NORM_TEXT[norm], _NORM_TEXT[other]
+        warn(f"se_surgery: calibrated {calibrated}; {other_text}, {len(off)} of {len(eqs)} equalizer(s) leave at "
+             f"another std than their target on the calibration data ({', '.join(off[:4])}"
+             f"{', ...' if len(off) > 4 else ''}). The norm layers' running statistics do not describe this data. "
+             f"Calibrate in the mode you will run the model in: se_surgery.calibrate(model, data, "
+             f"norm={other!r}) for {'eval and deployment' if other == 'running' else 'training'}, or update the "
+             f"running statistics on this data first.")
+
+
+_NORM_TEXT = {"batch": "with batch statistics (as training sees them)",
+              "running": "with the norm layers' running statistics (as eval mode sees them)"}
 
 
 class _Replay:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .equalize import equalize
-from .errors import UsageError
+from .errors import UsageError, warn
 from .inputs import model_device
 from .integrations.zoo import from_pretrained, saved_by_transformers
 from .runtime import detach, equalizers
@@ -154,7 +154,7 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
         nested = [k for k, v in state.items() if isinstance(v, Mapping) and any(
             isinstance(key, str) and key.endswith(RECIPE_KEY) for key in v)]
         if len(nested) == 1:  # {"model": state_dict, "optimizer": ...}
-            warnings.warn(f"se_surgery: restoring from the {nested[0]!r} entry of {_name(source)}.", stacklevel=3)
+            warn(f"se_surgery: restoring from the {nested[0]!r} entry of {_name(source)}.")
             state = dict(state[nested[0]])
     if prefix is None:
         found = sorted({k[:-len(RECIPE_KEY)] for k in state if isinstance(k, str) and k.endswith(RECIPE_KEY)})
@@ -167,8 +167,8 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
                              f"pass prefix= to say which to restore.")
         prefix = found[0]
         if prefix:
-            warnings.warn(f"se_surgery: {_name(source)} keeps the equalized model under the key prefix {prefix!r} "
-                          f"(a training framework's checkpoint); restoring from those entries.", stacklevel=3)
+            warn(f"se_surgery: {_name(source)} keeps the equalized model under the key prefix {prefix!r} "
+                 f"(a training framework's checkpoint); restoring from those entries.")
     if prefix + RECIPE_KEY not in state:
         raise UsageError(f"{_name(source)} has no {prefix + RECIPE_KEY} entry: no equalized model under the prefix "
                          f"{prefix!r}.")

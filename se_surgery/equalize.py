@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -11,13 +10,14 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
+from .balance import record, spreads, warn_wider
 from .calibrate import InputFn, check_data, check_scale, run_levels
 from .capture import capture
 from .equalizer import ScaleEqualizer
-from .errors import SiteMismatchError, UsageError
+from .errors import SiteMismatchError, UsageError, warn
 from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
-from .modes import copy_model, eval_mode
+from .modes import copy_model, eval_mode, resolve_norm
 from .runtime import attach, bypassed, equalizers, reattach
 from .site import Site
 from .state import Compensation, registry
@@ -31,6 +31,7 @@ def equalize(
     per_channel: bool = False,
     branches: str = "upsampled",
     scale: str = "unit",
+    norm: str = "auto",
     preserve_function: bool = False,
     inplace: bool = False,
     max_batches: int | None = None,
@@ -53,6 +54,11 @@ def equalize(
             its map had before the resize; see :func:`se_surgery.calibrate`). In the README's evidence sweep
             (training from scratch), ``"restore"`` is at the baseline on PSPNet (+0.003 +- 0.005 mIoU at 50 seeds)
             and loses less than the unit scale on UPerNet: use it to train with equalizers from the start.
+        norm: how BatchNorm-like layers normalise while calibrating: ``"batch"`` (each batch's statistics, as
+            training sees them), ``"running"`` (their running statistics, as eval mode does) or ``"auto"`` (as
+            ``model.training`` says: a model built for training is in training mode, one made ready for
+            deployment in eval mode). Recorded on the model and kept by later ``se_surgery.calibrate`` calls; see
+            :func:`se_surgery.calibrate`.
         preserve_function: let each site's consumer absorb the statistics so the model computes what it did before.
         inplace: edit ``model`` itself instead of a deep copy.
         max_batches: calibrate on at most this many batches per level.
@@ -65,6 +71,7 @@ def equalize(
     if preserve_function and calibration_data is None:
         raise UsageError("preserve_function=True needs calibration_data: the compensation uses the statistics.")
     check_scale(scale, [])
+    resolve_norm(model, norm)  # (an unknown value fails before any work)
     if scale != "unit" and calibration_data is None:
         raise UsageError(f"scale={scale!r} is what calibration measures: pass calibration_data, or equalize without "
                          f"it and call se_surgery.calibrate(model, data, scale={scale!r}).")
@@ -72,9 +79,8 @@ def equalize(
         example_inputs = default_example(model)
         shown = {k: tuple(v.shape) for k, v in example_inputs.items()} if isinstance(example_inputs, dict) \
             else tuple(example_inputs[0].shape)
-        warnings.warn(f"se_surgery: no example_inputs given; finding the sites of {type(model).__name__} on a random "
-                      f"input of shape {shown}. Pass example_inputs at your training size if it differs.",
-                      stacklevel=2)
+        warn(f"se_surgery: no example_inputs given; finding the sites of {type(model).__name__} on a random "
+             f"input of shape {shown}. Pass example_inputs at your training size if it differs.")
     args, kwargs = split_inputs(example_inputs)
     inner = next((name for name, m in model.named_modules() if name and registry(m) is not None), None)
     if inner is not None:
@@ -86,15 +92,15 @@ def equalize(
         program = capture(target, example_inputs)
     sites = _in_tree(target, find_sites(program, branches=branches))
     if not sites:
-        warnings.warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
-                      f"({explain(program)}); the model is returned unchanged.", stacklevel=2)
+        warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
+             f"({explain(program)}); the model is returned unchanged.")
         return target
     renewed = reattach(target)  # an equalized model whose owner module was replaced: equalize the new module
     added = attach(target, sites, per_channel=per_channel, train_calls=_training_calls(target, example_inputs,
                                                                                        program))
     if not added and not renewed:
-        warnings.warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
-                      f"nothing added.", stacklevel=2)
+        warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
+             f"nothing added.")
         return target
     added += renewed
     reg = registry(target)
@@ -107,19 +113,23 @@ def equalize(
                       "branches": branches, "sites": [eq.name for eq in equalizers(target)]}
     unlocated = [eq.name for eq in added if not eq.site.source]
     if unlocated:
-        warnings.warn(f"se_surgery: {', '.join(unlocated)} come from code without a source file (python -c, exec), "
-                      f"so they are told apart by the order of their owner's calls alone; a forward that makes other "
-                      f"calls at another input size can misplace them. Define the model in a .py file.", stacklevel=2)
+        warn(f"se_surgery: {', '.join(unlocated)} come from code without a source file (python -c, exec), "
+             f"so they are told apart by the order of their owner's calls alone; a forward that makes other "
+             f"calls at another input size can misplace them. Define the model in a .py file.")
     _verify(target, added, args, kwargs)
     if calibration_data is None:
         return target
     check_data(calibration_data)
     reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
     run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
-               scale=scale,
+               scale=scale, norm=norm,
                after_level=(lambda eqs: [_compensate(target, eq) for eq in eqs]) if preserve_function else None)
     if preserve_function:
         _report_change(target, reference, args, kwargs)
+    found = spreads(target, program, calibration_data, norm=registry(target).norm, max_batches=max_batches,
+                    input_fn=input_fn)
+    record(target, found)
+    warn_wider(target, found, branches, scale)
     return target
 
 
@@ -137,10 +147,10 @@ def _in_tree(model: nn.Module, sites: list[Site]) -> list[Site]:
         (outside if function and function not in own else kept).append(site)
     if outside:
         where = outside[0].source.rpartition("+")[0]
-        warnings.warn(f"se_surgery: {', '.join(s.name for s in outside)} come from {where}, a module outside "
-                      f"{type(model).__name__}'s module tree (called from its forward) or a submodule whose "
-                      f".forward(...) is called directly, which skips its module hooks; they are not equalized. Make "
-                      f"that module a submodule and call it as module(x) to equalize it.", stacklevel=3)
+        warn(f"se_surgery: {', '.join(s.name for s in outside)} come from {where}, a module outside "
+             f"{type(model).__name__}'s module tree (called from its forward) or a submodule whose "
+             f".forward(...) is called directly, which skips its module hooks; they are not equalized. Make "
+             f"that module a submodule and call it as module(x) to equalize it.")
     return kept
 
 
@@ -208,7 +218,7 @@ def _report_change(model: nn.Module, reference: list[torch.Tensor], args, kwargs
     registry(model).output_change = change
     inexact = [eq.name for eq in equalizers(model) if eq.compensation not in (Compensation.NONE, Compensation.EXACT)]
     if inexact:
-        warnings.warn(f"se_surgery: preserve_function could not keep the function exactly at {len(inexact)} "
-                      f"site(s) ({', '.join(inexact)}); the output moved by {change:.3g} (max abs difference "
-                      f"relative to the output's max abs) on example_inputs. se_surgery.describe(model) gives the "
-                      f"reason per site.", stacklevel=3)
+        warn(f"se_surgery: preserve_function could not keep the function exactly at {len(inexact)} "
+             f"site(s) ({', '.join(inexact)}); the output moved by {change:.3g} (max abs difference "
+             f"relative to the output's max abs) on example_inputs. se_surgery.describe(model) gives the "
+             f"reason per site.")

@@ -3,6 +3,10 @@ se_surgery.SeSurgeryError`` catches all of them; each also derives from the buil
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class SeSurgeryError(Exception):
     """Base class of every error se_surgery raises."""
@@ -30,3 +34,15 @@ class OnnxError(SeSurgeryError, RuntimeError):
 
 class NotCalibratedError(SeSurgeryError, RuntimeError):
     """An equalizer ran (or was folded) before its statistics were measured."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointed at the first frame outside se_surgery: the user's line that called it, however
+    deep inside the package the warning arises."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))

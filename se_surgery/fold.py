@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
-from .errors import NotCalibratedError
+from .errors import NotCalibratedError, warn
 from .modes import copy_model
 from .runtime import check_attached, detach, equalizers
 from .state import FoldAction, FoldReason, FoldStep, registry
@@ -38,8 +36,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy_model(model)
     eqs = equalizers(target)
     if not eqs:
-        warnings.warn(f"se_surgery: {type(model).__name__} has no scale equalizers to fold; returned unchanged.",
-                      stacklevel=2)
+        warn(f"se_surgery: {type(model).__name__} has no scale equalizers to fold; returned unchanged.")
         return target
     uncalibrated = [eq.name for eq in eqs if not eq.is_calibrated]
     if uncalibrated:

@@ -1,5 +1,5 @@
-"""Handling the user's model: running it in eval mode for a while (giving it back in the mode the caller had), and
-copying it."""
+"""Handling the user's model: running it in eval mode, or with its norm layers normalising as in training, for a
+while (giving it back in the modes and with the running statistics the caller had), and copying it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,60 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .errors import UsageError
+
+# How norm layers with running statistics normalise while se_surgery measures: "batch" (with each batch's own
+# statistics, as in training), "running" (with their running statistics, as in eval mode), "auto" (as the model's
+# own ``.training`` flag says at the call: a model built for training is in training mode, one made ready for
+# deployment in eval mode).
+NORMS = ("auto", "batch", "running")
+_RUNNING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def running_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The norm layers that keep running statistics (BatchNorm 1-3-D, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats``): the layers whose output differs between training and eval mode."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, _RUNNING) and m.track_running_stats and m.running_mean is not None]
+
+
+def untrained_norms(model: nn.Module) -> list[str]:
+    """Names of the norm layers whose running statistics are still their initial values (mean 0, variance 1, no
+    batch tracked): in eval mode they do not normalise at all."""
+    return [name or type(m).__name__ for name, m in running_norms(model)
+            if (m.num_batches_tracked is None or int(m.num_batches_tracked) == 0)
+            and not bool(m.running_mean.any()) and bool((m.running_var == 1).all())]
+
+
+def resolve_norm(model: nn.Module, norm: str) -> str:
+    """``norm`` as "batch" or "running" ("auto" follows ``model.training``)."""
+    if norm not in NORMS:
+        raise UsageError(f"norm={norm!r}: use one of {NORMS}.")
+    return ("batch" if model.training else "running") if norm == "auto" else norm
+
+
+@contextlib.contextmanager
+def norm_mode(model: nn.Module, norm: str) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout, no drop-path) inside the block; with ``norm="batch"``, its norm layers
+    with running statistics normalise with each batch's statistics as in training, and their running statistics
+    and ``num_batches_tracked`` are put back bit for bit afterwards. Every ``training`` flag is restored."""
+    with eval_mode(model):
+        layers = [m for _, m in running_norms(model)] if norm == "batch" else []
+        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+                 for m in layers]
+        for m in layers:
+            m.train()
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for m, buffers in zip(layers, saved):
+                    for now, before in zip([b for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                                            if b is not None], buffers):
+                        now.copy_(before)
 
 
 @contextlib.contextmanager

@@ -228,6 +228,12 @@ def _export(model: nn.Module, job: _Export, dynamic_spatial: bool, notes: list[s
                            f"written.") from error
             expected = [t.detach().cpu().numpy() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
             tensors = [t for t in (*c_args, *c_kwargs.values()) if isinstance(t, torch.Tensor)]
+            if not all(np.isfinite(e).all() for e in expected if np.issubdtype(e.dtype, np.floating)):
+                raise OnnxError(f"{type(model).__name__} itself gives NaN or Inf on {label} "
+                                f"{tuple(tensors[0].shape)} in eval mode, so no export can be checked against it. "
+                                f"Check the model in eval mode first (se_surgery.describe shows how the equalizers "
+                                f"were calibrated; norm layers with untrained running statistics give such "
+                                f"outputs); {path} was not written.")
             feed = {v.name: t.detach().cpu().numpy() for v, t in zip(unfolded.graph.inputs, tensors)}
             shape = tuple(tensors[0].shape)
             baked = label != "example_inputs" and not label.startswith("check_inputs")

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import RunningMoments, input_batches
+from .balance import WIDER
+from .calibrate import RunningMoments, choose_norm, input_batches, run_batch
 from .equalize import equalize
 from .errors import CalibrationError
 from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .integrations.zoo import main_logits
+from .modes import norm_mode
 from .ops import NOUNS
 from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
@@ -108,11 +110,23 @@ def describe(model: nn.Module) -> str:
         foot += "; * = mean over channels"
     if reg.output_change is not None:
         foot += f"; preserve_function moved the output by {reg.output_change:.3g} (relative)"
+    if reg.norm is not None:
+        foot += (f"\ncalibrated to the {reg.scale} scale with {_NORMS[reg.norm]}")
+    if reg.spreads:
+        wider = [f for f, (before, after) in reg.spreads.items() if after > before * WIDER]
+        foot += ("\nbranch std spread per fusion (largest / smallest, before -> after equalizing, measured on the "
+                 "calibration data): " + ", ".join(f"{f} {b:.3g}x -> {a:.3g}x" for f, (b, a) in reg.spreads.items()))
+        if wider:
+            foot += f"\nFURTHER APART after equalizing: {', '.join(wider)} (branches='all' balances them)"
     replaced = replaced_owners(model)
     if replaced:
         foot += (f"\nNOT ACTING: {', '.join(replaced)} was replaced after equalizing; the forward refuses to run "
                  f"until se_surgery.calibrate(model, data) equalizes the new module")
     return "\n".join([_table(header, rows), foot] + (["folded by se_surgery.fold:", *folded] if folded else []))
+
+
+_NORMS = {"batch": "batch statistics in the norm layers (norm='batch', as training sees them)",
+          "running": "the norm layers' running statistics (norm='running', as eval mode sees them)"}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -146,6 +160,7 @@ class ScaleReport:
     rows: list[BranchScale]
     batches: int
     loss: str
+    norm: str = "running"       # how the norm layers normalised: "batch" (as in training) or "running" (eval)
 
     _HEADER = ["fusion", "branch", "factor", "align_corners", "equalized", "mean", "std", "E[x^2]", "grad RMS",
                "consumer"]
@@ -260,11 +275,12 @@ def _csv_cell(value: Any) -> Any:
 
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
-                 progress: bool = True, input_fn: Callable[[Any], Any] | None = None) -> ScaleReport:
+                 progress: bool = True, input_fn: Callable[[Any], Any] | None = None,
+                 norm: str | None = None) -> ScaleReport:
     """Measure every branch of every fusion that takes an upsampled input, on ``data``.
 
     Works on an original model (the problem) and on an equalized one (the fix); the model itself is not changed.
-    Runs on a deep copy in eval mode (BatchNorm running statistics, no dropout), so the numbers are deterministic.
+    Runs on a deep copy with dropout off, its norm layers as ``norm`` says, so the numbers are deterministic.
 
     Args:
         model: any model ``equalize`` accepts, equalized or not.
@@ -274,13 +290,18 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         max_batches: measure on at most this many batches.
         progress: show a tqdm progress bar.
         input_fn: turns one batch into the model's inputs where the rule does not fit.
+        norm: how BatchNorm-like layers normalise: ``"batch"`` (as training sees them), ``"running"`` (as eval
+            mode does) or ``"auto"`` (as ``model.training`` says); ``None``: the mode an equalized model was
+            calibrated with, else ``"auto"``. As in :func:`se_surgery.calibrate`.
 
     Returns:
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
     check_attached(model)
-    probe = copy.deepcopy(model).eval()  # measured in eval mode: no training-mode capture needed
+    reg = registry(model)
+    norm = choose_norm(model, norm if norm is not None else reg is not None and reg.norm or "auto")
+    probe = copy.deepcopy(model).eval()  # (equalize captures it in eval mode; measured below in the norm mode)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -309,8 +330,8 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     labels = iter(targets) if targets is not None else repeat(None)
     for _index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
                                             desc="measuring scales", input_fn=input_fn):
-        with torch.set_grad_enabled(bool(weights)):
-            logits = main_logits(probe(*args, **kwargs))
+        with torch.set_grad_enabled(bool(weights)), norm_mode(probe, norm):
+            logits = main_logits(run_batch(probe, args, kwargs, norm))
             if weights:
                 target = next(labels, None)
                 target = logits.argmax(1) if target is None else target.to(device).long()
@@ -338,5 +359,5 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         rows.append(BranchScale(site.joins, site.name, site.factor, site.align_corners, site.name in own, mean, std,
                                 mean**2 + std**2, grad, consumer and consumer.weight, consumer and consumer.channels))
     loss = "cross-entropy vs " + ("the given targets" if targets is not None else "the model's own argmax")
-    return ScaleReport(type(model).__name__, rows, seen, loss)
+    return ScaleReport(type(model).__name__, rows, seen, loss, norm)
 

@@ -114,6 +114,9 @@ class EqualizerRegistry(nn.ModuleDict):
         self.output_change: float | None = None      # what preserve_function moved the output by
         self.folded_away: list[FoldStep] = []        # fold's record of the sites it removed (the others': eq.fold)
         self.recipe: dict = {}                       # how equalize was called: what restore needs
+        self.scale: str | None = None                # how the statistics were calibrated: "unit" or "restore",
+        self.norm: str | None = None                 # and with "batch" or "running" norm statistics (None: never)
+        self.spreads: dict[str, list[float]] = {}    # fusion -> its branches' std spread [before, after] equalizing
 
     @property
     def folds(self) -> list[FoldStep]:
@@ -123,7 +126,8 @@ class EqualizerRegistry(nn.ModuleDict):
         return sorted(steps, key=lambda s: order.get(s.site, len(order)))
 
     def get_extra_state(self) -> torch.Tensor:
-        state = dict(self.recipe, version=VERSION, output_change=self.output_change,
+        state = dict(self.recipe, version=VERSION, output_change=self.output_change, scale=self.scale, norm=self.norm,
+                     spreads=self.spreads,
                      folds=[{"site": s.site, "action": str(s.action), "reason": str(s.reason),
                              "consumer": s.consumer} for s in self.folds],
                      equalizers={name: {"compensation": str(eq.compensation)} for name, eq in self.items()})
@@ -141,6 +145,7 @@ class EqualizerRegistry(nn.ModuleDict):
                              f"statistics belong to another model. Restore it into the architecture it was saved from "
                              f"(se_surgery.restore); nothing was loaded.")
         self.output_change = state.pop("output_change")
+        self.scale, self.norm, self.spreads = state.pop("scale"), state.pop("norm"), state.pop("spreads")
         self.folded_away = []
         for s in state.pop("folds"):
             step = FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
@@ -270,8 +275,14 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "output_change": (lambda v: v is None or type(v) in (int, float), "a number or null"),
     "folds": (lambda v: isinstance(v, list), "a list of fold steps"),
     "equalizers": (lambda v: isinstance(v, dict), "an object of per-equalizer records"),
+    "scale": (lambda v: v in (None, "unit", "restore"), "'unit', 'restore' or null"),
+    "norm": (lambda v: v in (None, "batch", "running"), "'batch', 'running' or null"),
+    "spreads": (lambda v: isinstance(v, dict) and len(v) <= 100_000 and all(
+        isinstance(k, str) and len(k) < 1000 and isinstance(p, list) and len(p) == 2 and
+        all(type(x) in (int, float) and x > 0 for x in p) for k, p in v.items()),
+                "an object of fusion names to [before, after] spreads"),
 }
-_OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}}
+_OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}, "scale": None, "norm": None, "spreads": {}}
 # A fold step's fields and a per-equalizer record's fields, with their types (an enum: one of its values).
 _STEP = {"site": str, "action": FoldAction, "reason": FoldReason, "consumer": str}
 _RECORD = {"compensation": Compensation}
