@@ -5,7 +5,8 @@ data, with the norm layers as they were calibrated: before (an equalizer's input
 enters) and after (an equalizer's output). The paper expects upsampled branches to arrive smaller than the others,
 so that equalizing brings the branches together; on smooth pretrained maps they can arrive larger, and then the
 paper's placement drives them further apart. :func:`spreads` gives the spread (largest std / smallest) before and
-after per fusion, and :func:`warn_wider` says once per model where the placement widened it.
+after per fusion (over every rank's data under ``torch.distributed``), and :func:`warn_wider` says once per model
+where the placement widened it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Itera
     finally:
         for hook in hooks:
             hook.remove()
+    for pair in seen.values():  # under torch.distributed: every rank's data, so all ranks record the same
+        for moments in pair:
+            moments.all_reduce()
     found = []
     for fusion in dict.fromkeys(eq.site.joins for eq in own.values()):
         branches = [eq.site for eq in equalizers(probe) if eq.site.joins == fusion
