@@ -136,7 +136,7 @@ class _OwnerMode(TorchFunctionMode):
         super().__init__()
         self.reg, self.owner, self.call = reg, owner, call
         self.caller = caller  # the frame of nn.Module's call machinery that runs this owner call (eager; else None)
-        self.funcs = _funcs(owner.ops)  # the torch functions that can be this owner's sites, and their op kind
+        self.funcs = _FUNCS[owner.ops]  # the torch functions that can be this owner's sites, and their op kind
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
         self.checkpointed = False  # a resize ran inside torch.utils.checkpoint from a line without sites
@@ -212,11 +212,11 @@ class _OwnerMode(TorchFunctionMode):
         return func(*inputs, **kwargs)
 
 
-@functools.cache
-def _funcs(ops: frozenset[str]) -> dict:
-    """The torch functions a mode for an owner with sites of these op kinds handles, and the kind of each."""
-    return {**({f: "resize" for f in RESIZE_FUNCS} if "resize" in ops else {}),
-            **({f: "fusion" for f in FUSION_FUNCS} if "fusion" in ops else {})}
+# The torch functions a mode for an owner with sites of these op kinds handles, and the kind of each (a plain dict:
+# torch.compile traces the lookup).
+_FUNCS = {frozenset(ops): {**({f: "resize" for f in RESIZE_FUNCS} if "resize" in ops else {}),
+                           **({f: "fusion" for f in FUSION_FUNCS} if "fusion" in ops else {})}
+          for ops in (("resize",), ("fusion",), ("resize", "fusion"))}
 
 
 def _describe_inputs(inputs) -> str:
@@ -585,7 +585,18 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
     return added
 
 
+def _guard_compiled_code() -> None:
+    """torch.compile does not guard on submodules' hooks by default (``skip_nnmodule_hook_guards``), so code it
+    compiled for a plain model of the same classes (a baseline compiled earlier in the process, or this model before
+    ``equalize(inplace=True)``) would run the equalized model without its equalizers. Turn those guards on and drop
+    the code compiled without them, once per process (again only if something turns them off)."""
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch.compiler.reset()
+
+
 def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
+    _guard_compiled_code()
     _homes[module] = reg
     module.register_forward_pre_hook(functools.partial(_enter_owner, path))
     # first of the forward hooks: the user's see the equalized output, as if the forward had made it

@@ -114,3 +114,31 @@ def test_a_plain_model_of_the_owners_class_called_inside_its_forward_is_left_alo
     with torch.no_grad():
         torch.testing.assert_close(eq(x), _by_hand(model, eq, x))
         torch.testing.assert_close(taught[0], teacher(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["plain compiled first", "compiled, then equalized in place"])
+def test_torch_compile_never_reuses_code_compiled_for_a_plain_model_of_the_same_classes(order):
+    import segmentation_models_pytorch as smp
+
+    x = torch.randn(2, 3, 64, 64)
+    data = [x, torch.randn(2, 3, 64, 64)]
+    torch._dynamo.config.skip_nnmodule_hook_guards = True  # torch's default, whatever ran before in this process
+    plain = smp.FPN("resnet18", encoder_weights=None, classes=5).eval()
+    compiled_plain = torch.compile(plain, backend="eager")
+    with torch.no_grad():
+        compiled_plain(x)
+        if order == "plain compiled first":
+            eq = se.equalize(smp.FPN("resnet18", encoder_weights=None, classes=5).eval(), (x,), data, progress=False)
+            compiled_eq = torch.compile(eq, backend="eager")
+            compiled_plain(x)  # the plain model again, before the equalized one
+        else:
+            reference = se.equalize(plain, (x,), data, progress=False)
+            eq = se.equalize(plain, (x,), data, progress=False, inplace=True)
+            compiled_eq = compiled_plain
+        expected = eq(x)
+        assert (compiled_eq(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+        if order == "plain compiled first":
+            torch.testing.assert_close(compiled_plain(x), plain(x))
+        else:
+            torch.testing.assert_close(expected, reference(x))
