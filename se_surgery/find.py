@@ -227,12 +227,18 @@ def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node |
 
 
 def module_calls(program: torch.export.ExportedProgram) -> dict[str, int]:
-    """How many times the graph calls each module (by path) in one forward."""
-    calls: dict[str, set[str]] = defaultdict(set)
-    for node in flat_graph(program).nodes:
+    """How many times the graph calls each module (by path) in one forward: torch.export numbers every call
+    (``path@N``), also those that make no tensor operation and so leave no node, so the count is the last number
+    seen plus one (a trailing call without operations, such as a recursion's base case, is not seen at all)."""
+    return _call_counts(flat_graph(program).nodes)
+
+
+def _call_counts(nodes) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for node in nodes:
         for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
-            calls[path].add(key)
-    return {path: len(keys) for path, keys in calls.items()}
+            calls[path] = max(calls.get(path, 0), (int(key.rsplit("@", 1)[1]) if "@" in key else 0) + 1)
+    return calls
 
 
 def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled") -> list[Site]:
@@ -256,10 +262,8 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
     number: dict[Node, int] = {}
     occurrence: dict[Node, int] = {}
     counts: dict[tuple, int] = defaultdict(int)
-    module_calls: dict[str, set[str]] = defaultdict(set)
+    calls_of = _call_counts(graph.nodes)
     for node in graph.nodes:
-        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
-            module_calls[path].add(key)
         if node.op != "call_function":
             continue
         op = "resize" if node.target in RESIZE_OPS else "fusion" if node.target in FUSION_OPS else None
@@ -274,7 +278,7 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
 
     def identity(node: Node, op: str) -> dict:
         key, path, call = _owner(node)
-        return dict(owner=path, call=call, owner_calls=max(len(module_calls[path]), 1), index=number[node],
+        return dict(owner=path, call=call, owner_calls=max(calls_of.get(path, 0), 1), index=number[node],
                     source=_source_key(node), occurrence=occurrence[node],
                     line_calls=counts[(op, key, _source_key(node))])
 

@@ -54,6 +54,8 @@ FUSIONS = (
            (torch.sub, torch.subtract, _T.sub, _T.sub_, _T.subtract, _T.subtract_, _T.__sub__, _T.__isub__),
            ("Sub",)),
 )
+# The spellings that change their first operand in place.
+INPLACE_FUNCS = frozenset({_T.add_, _T.__iadd__, _T.sub_, _T.subtract_, _T.__isub__})
 # The table, by spelling.
 FUSION_OPS = {op: f for f in FUSIONS for op in f.aten}
 FUSION_FUNCS = {fn: f for f in FUSIONS for fn in f.funcs}

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError
-from .ops import FUSION_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
+from .ops import FUSION_FUNCS, INPLACE_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
 from .site import Site, is_caller, source_key
 from .state import EqualizerRegistry, OwnerSites, fx_error, registry
 
@@ -56,6 +56,7 @@ class _Forward:
 class _PerThread(threading.local):
     def __init__(self) -> None:
         self.forwards: list[_Forward] = []          # equalized models whose forward runs here, innermost last
+        self.frames: list = []                      # the module-call frame of each (None: traced), to find stale ones
         self.entered: dict[int, list[_Entered]] = {}  # id(hooked module) -> its running calls (recursion: a stack)
         self.handling = 0                           # >0 while one of our modes handles a call: others pass it on
         self.bypass = 0                             # >0: equalizers pass their input through (capturing)
@@ -132,17 +133,18 @@ class _OwnerMode(TorchFunctionMode):
     """Active during one call of an owner's forward: recognises the site calls and routes them through the
     equalizers; records which it met."""
 
-    def __init__(self, reg: EqualizerRegistry, owner: OwnerSites, call: int, caller) -> None:
+    def __init__(self, forward: _Forward, owner: OwnerSites, call: int, caller) -> None:
         super().__init__()
-        self.reg, self.owner, self.call = reg, owner, call
+        self.forward, self.reg, self.owner, self.call = forward, forward.reg, owner, call
         self.caller = caller  # the frame of nn.Module's call machinery that runs this owner call (eager; else None)
         self.funcs = _FUNCS[owner.ops]  # the torch functions that can be this owner's sites, and their op kind
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
         self.checkpointed = False  # a resize ran inside torch.utils.checkpoint from a line without sites
-        self.frame = None          # the owner's forward frame, once a site line has shown it
+        self.made = 0              # torch calls the owner's own code made (0 and its input returned: a no-op call)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.made += 1
         op = self.funcs.get(func)
         kwargs = kwargs or {}
         # (handling: a call made while one of our modes handles another: its own ops, a nested owner's)
@@ -164,10 +166,10 @@ class _OwnerMode(TorchFunctionMode):
         if expected is None:  # a line without sites
             self.checkpointed = self.checkpointed or (op == "resize" and _in_checkpoint())
             return func(*args, **kwargs)
-        if frame is not None and frame is not self.frame:
-            if _module_call(frame) is not self.caller:
-                return func(*args, **kwargs)  # another module's forward (a plain copy of the owner, a teacher)
-            self.frame = frame
+        if frame is not None and _module_call(sys._getframe(1)) is not self.caller:
+            # made inside another module's call: a plain copy of the owner or a teacher run from a hook, or a hook of
+            # a module the owner calls (a resize in a visualisation hook): not the owner's own code
+            return func(*args, **kwargs)
         occurrence = self.seen[(op, source)]
         self.seen[(op, source)] = occurrence + 1
         targets = self.owner.sites.get((self.call, op, source, occurrence))  # (a CallKey)
@@ -209,7 +211,10 @@ class _OwnerMode(TorchFunctionMode):
                 inputs[arg] = self.reg[name](inputs[arg])
         if fusion.listed:
             return func(inputs, *args[1:], **kwargs)  # (args is empty where the list came as tensors=)
-        return func(*inputs, **kwargs)
+        out = func(*inputs, **kwargs)
+        if func in INPLACE_FUNCS and inputs[0] is not args[0]:
+            return args[0].copy_(out)  # it changed an equalized copy of the tensor it changes in place: write it back
+        return out
 
 
 # The torch functions a mode for an owner with sites of these op kinds handles, and the kind of each (a plain dict:
@@ -239,6 +244,10 @@ def _check_resize(site: Site, mode: str | None, corners: bool | None, x: torch.T
 
 
 def _enter_model(module: nn.Module, _args) -> None:
+    frame = None if torch.compiler.is_dynamo_compiling() else _module_call(sys._getframe(1))
+    if frame is not None and (_local.forwards or _local.entered):
+        _drop_stale(frame)
+    _local.frames.append(frame)
     reg = registry(module)
     top = _local.forwards[-1] if _local.forwards else None
     if reg is not None and top is not None and top.reg is reg:  # the model calls itself (recursion): one forward
@@ -248,11 +257,38 @@ def _enter_model(module: nn.Module, _args) -> None:
 
 
 def _leave_model(module: nn.Module, _args, out) -> None:
+    if _local.frames:
+        _local.frames.pop()
     forward = _local.forwards.pop() if _local.forwards else None
     if forward is None or out is None or _local.bypass or (_local.forwards and _local.forwards[-1] is forward):
         return  # not equalized, raised (that error is the one to see), captured, or inside a recursion
     if any(path not in forward.calls for path in forward.reg.owners):  # an owner not called: replaced?
         check_attached(module)
+
+
+def _drop_stale(frame) -> None:
+    """Forget what forwards interrupted by a ``BaseException`` left on this thread. torch runs the always-call
+    hooks that clean up for an ``Exception`` only, so a ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit`` inside a
+    forward leaves its record, its entered calls and its mode on the torch function stack. A record whose module
+    call frame is no longer on this thread's stack is such a leftover; when none is left running, neither is
+    anything it entered, and the owner modes it left on the stack go too. ``frame``: the new call's frame."""
+    live, f = set(), frame
+    while f is not None:
+        live.add(id(f))
+        f = f.f_back
+    running = [i for i, f in enumerate(_local.frames) if f is None or id(f) in live]
+    if running and running[-1] != len(_local.frames) - 1:  # (stale records sit above the running ones)
+        del _local.frames[running[-1] + 1:], _local.forwards[running[-1] + 1:]
+    elif not running:
+        _local.frames.clear()
+        _local.forwards.clear()
+        if any(e.mode is not None and id(e.mode.caller) in live for es in _local.entered.values() for e in es):
+            return  # an owner running on its own (called outside a model forward) that calls a model: not stale
+        _local.entered.clear()
+        _local.handling = 0
+        while torch._C._len_torch_function_stack() and isinstance(
+                torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), _OwnerMode):
+            torch._C._pop_torch_function_stack()
 
 
 def replaced_owners(model: nn.Module) -> list[str]:
@@ -393,23 +429,33 @@ def _enter_owner(path: str, module: nn.Module, args):
         return _enter_callee(module, args)
     call = forward.calls[path]
     forward.calls[path] = call + 1
-    limit = owner.calls if not module.training or owner.train_calls is None else owner.train_calls
-    if call >= limit:
-        raise SiteMismatchError(
-            f"{path or 'the model'} ({type(module).__name__}) was called {call + 1} times in this "
-            f"{'training' if module.training else 'eval'} forward, but the "
-            f"{'training' if module.training and owner.train_calls is not None else 'eval-mode'} graph has {limit}: "
-            f"its equalizers cannot tell which call is which (a path only taken in this mode or at this size, or a "
-            f"shared module in gradient checkpointing). Equalize the model as you run it.")
-    if call >= owner.calls:  # extra training calls: plain
+    if owner.calls <= call < _limit(owner, module):  # extra training calls: plain
         return _enter_callee(module, args)
-    if _module_resize(module, args):
+    if call < owner.calls and _module_resize(module, args):
         return _enter_resize(forward.reg, owner, call, module, args)
+    # (a call beyond the graph's runs in a mode with no sites, and is checked when it returns: the graph does not
+    # count a call that makes no tensor operation, such as a recursion's base case returning its input)
     caller = None if torch.compiler.is_dynamo_compiling() else _module_call(sys._getframe(1))  # (no frames)
-    mode = _OwnerMode(forward.reg, owner, call, caller)
+    mode = _OwnerMode(forward, owner, call, caller)
     _push(module, _Entered(mode, None, _pause()))
     mode.__enter__()
     return None
+
+
+def _limit(owner: OwnerSites, module: nn.Module) -> int:
+    """How many calls of the owner one forward may make in the module's mode."""
+    return owner.calls if not module.training or owner.train_calls is None else owner.train_calls
+
+
+def _check_calls(path: str, module: nn.Module, mode: _OwnerMode) -> None:
+    limit = _limit(mode.owner, module)
+    if mode.call >= limit:
+        raise SiteMismatchError(
+            f"{path or 'the model'} ({type(module).__name__}) was called {mode.call + 1} times in this "
+            f"{'training' if module.training else 'eval'} forward, but the "
+            f"{'training' if module.training and mode.owner.train_calls is not None else 'eval-mode'} graph has "
+            f"{limit}: its equalizers cannot tell which call is which (a path only taken in this mode or at this "
+            f"size, or a shared module in gradient checkpointing). Equalize the model as you run it.")
 
 
 def _module_resize(module: nn.Module, args) -> bool:
@@ -443,15 +489,23 @@ def _apply(equalizer: ScaleEqualizer, x: torch.Tensor, source: torch.Tensor | No
         _local.handling -= 1
 
 
-def _leave_owner(path: str, module: nn.Module, _args, out):
+def _leave_owner(path: str, module: nn.Module, args, out):
     entered = _pop(module)
     if entered is None:
         return None
     try:
         if entered.mode is not None:
-            entered.mode.__exit__(None, None, None)
-            if out is not None:  # (None: the forward raised, always_call: that error is the one to see)
-                _check_met(path, module, entered.mode)
+            mode = entered.mode
+            mode.__exit__(None, None, None)
+            if out is None:  # the forward raised (always_call): that error is the one to see
+                return None
+            if mode.call >= mode.owner.calls and not mode.made and any(out is a for a in args):
+                # beyond the graph's calls, no tensor operation, its input returned (a recursion's base case): the
+                # graph cannot show such a call, so it is none of the sites' calls
+                mode.forward.calls[path] -= 1
+                return None
+            _check_calls(path, module, mode)
+            _check_met(path, module, mode)
         elif entered.resize is not None and out is not None:
             equalizer, x = entered.resize
             return _apply(equalizer, out, x)

@@ -142,3 +142,137 @@ def test_torch_compile_never_reuses_code_compiled_for_a_plain_model_of_the_same_
             torch.testing.assert_close(compiled_plain(x), plain(x))
         else:
             torch.testing.assert_close(expected, reference(x))
+
+
+class InPlace(nn.Module):
+    """``a.add_(up(b))`` / ``a += up(b)`` / ``a.sub_(up(b))``: an addition that changes its first operand."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        up = F.interpolate(self.b(x), scale_factor=2, mode="bilinear")
+        if self.spelling == "add_":
+            a.add_(up)
+        elif self.spelling == "+=":
+            a += up
+        else:
+            a.sub_(up)
+        return self.head(a)
+
+
+@pytest.mark.parametrize("spelling", ["add_", "+=", "sub_"])
+def test_an_in_place_fusion_with_every_input_equalized_changes_the_users_tensor(spelling):
+    model = InPlace(spelling).eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False, branches="all")
+    stats = {e.site.kind: (e.mean, e.std) for e in se.equalizers(eq)}
+    assert set(stats) == {"upsample", "branch"}
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        a = (model.a(x) - stats["branch"][0]) / stats["branch"][1]
+        up = (F.interpolate(model.b(x), scale_factor=2, mode="bilinear") - stats["upsample"][0]) / stats["upsample"][1]
+        expected = model.head(a - up if spelling == "sub_" else a + up)
+        torch.testing.assert_close(eq(x), expected)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit, Interrupted])
+def test_a_forward_interrupted_by_ctrl_c_leaves_nothing_behind_on_its_thread(kind):
+    from decoders import Small
+
+    model = Small().eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = eq(x)
+    fired = []
+
+    def interrupt(module, args, out):
+        if not fired:
+            fired.append(1)
+            raise kind()
+
+    handle = eq.head.lat[1].register_forward_hook(interrupt)  # inside the owner's forward, its mode entered
+    with pytest.raises(kind), torch.no_grad():
+        eq(x)
+    handle.remove()
+    with torch.no_grad():
+        for _ in range(3):  # every later call as before
+            torch.testing.assert_close(eq(x), expected)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+class Recursive(nn.Module):
+    """A forward that calls itself until ``depth`` is 0, whose base case returns its input (no tensor operation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, depth=2):
+        if depth == 0:
+            return x
+        inner = self(self.down(x), depth - 1)
+        return self.fuse(torch.cat([F.interpolate(inner, size=x.shape[-2:], mode="bilinear"), x], 1))
+
+
+class Shared(nn.Module):
+    """One block called twice, the first time with nothing to do (it returns its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Gated()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        f = self.block(f, None)
+        return self.block(f, f[..., ::2, ::2])
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fuse = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, coarse):
+        if coarse is None:
+            return x
+        return self.fuse(torch.cat([x, F.interpolate(coarse, scale_factor=2, mode="bilinear")], 1))
+
+
+@pytest.mark.parametrize("cls", [Recursive, Shared])
+def test_an_owner_call_that_returns_its_input_untouched_is_not_a_call_of_the_graph(cls):
+    model = cls().eval()
+    data = [torch.randn(2, cls is Recursive and 4 or 3, 32, 32) for _ in range(3)]
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    assert se.equalizers(eq)
+    seen = {e.name: [] for e in se.equalizers(eq)}
+    for e in se.equalizers(eq):
+        e.register_forward_hook(lambda m, i, o: seen[m.name].append(o))
+    with torch.no_grad():
+        eq(data[0])
+    assert all(len(v) == 1 for v in seen.values())
+
+
+def test_a_resize_in_a_hook_of_a_module_the_owner_calls_is_not_the_owners_call():
+    model = NotSelf().eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    shown = []
+    eq.a.register_forward_hook(lambda m, i, o: shown.append(F.interpolate(o, scale_factor=2, mode="bilinear")))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(x), _by_hand(model, eq, x))
+        torch.testing.assert_close(shown[0], F.interpolate(model.a(x), scale_factor=2, mode="bilinear"))
