@@ -73,13 +73,13 @@ def test_the_history_of_rounds_1_and_2_stays_out_of_the_tables():
 
 @pytest.mark.slow
 def test_the_pretrained_preset_loads_imagenet_weights_and_photo_scenes(tmp_path):
-    out = _run("--preset", "pretrained", "--quick", "--only", "UPerNet,sgd,photodigits,0", "--arms",
+    out = _run("--preset", "pretrained", "--quick", "--only", "UPerNet,sgd,photoshapes,0", "--arms",
                "baseline,all", "--out", str(tmp_path))
     rows = _rows(tmp_path / "results.jsonl")
     assert [(r["arm"], r["preset"], r["encoder"], r["norm"]) for r in rows] == \
         [("baseline", "pretrained", "tu-efficientnet_lite0", None), ("all", "pretrained", "tu-efficientnet_lite0",
                                                                      "batch")]
-    assert rows[0]["premise"] and "| UPerNet | sgd | photodigits | pretrained | 1 |" in out
+    assert rows[0]["premise"] and "| UPerNet | sgd | photoshapes | pretrained | 1 |" in out
 
 
 @pytest.mark.slow
