@@ -82,6 +82,12 @@ def equalize(
         warn(f"se_surgery: no example_inputs given; finding the sites of {type(model).__name__} on a random "
              f"input of shape {shown}. Pass example_inputs at your training size if it differs.")
     args, kwargs = split_inputs(example_inputs)
+    compiled = next((name for name, m in model.named_modules()
+                     if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)), None)
+    if compiled is not None:
+        raise UsageError(f"{compiled or 'the model'} of {type(model).__name__} is a torch.compile'd module: its "
+                         f"compiled code would run without the equalizers' hooks. Equalize the plain model, then "
+                         f"compile the result (torch.compile(model) or model.compile()).")
     inner = next((name for name, m in model.named_modules() if name and registry(m) is not None), None)
     if inner is not None:
         raise UsageError(f"{type(model).__name__} contains an equalized model at {inner!r}: equalizing the whole "

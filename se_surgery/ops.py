@@ -24,9 +24,11 @@ RESIZE_OPS = {
     aten.upsample_trilinear3d.vec: "trilinear", aten.upsample_trilinear3d.default: "trilinear",
 }
 # Runtime side: the resize functions user code calls, as a TorchFunctionMode meets them.
+# (aten ops called directly, torch.ops.aten.upsample_bilinear2d(...), reach a TorchFunctionMode as themselves)
 DIRECT_RESIZE = {torch._C._nn.upsample_linear1d: "linear", torch._C._nn.upsample_bilinear2d: "bilinear",
                  torch._C._nn.upsample_bicubic2d: "bicubic", torch._C._nn.upsample_trilinear3d: "trilinear",
-                 torch._C._nn._upsample_bilinear2d_aa: "bilinear", torch._C._nn._upsample_bicubic2d_aa: "bicubic"}
+                 torch._C._nn._upsample_bilinear2d_aa: "bilinear", torch._C._nn._upsample_bicubic2d_aa: "bicubic",
+                 **RESIZE_OPS, **{op.overloadpacket: mode for op, mode in RESIZE_OPS.items()}}
 RESIZE_FUNCS = frozenset({F.interpolate, *DIRECT_RESIZE})
 
 

@@ -44,13 +44,15 @@ from .state import EqualizerRegistry, OwnerSites, fx_error, registry
 
 
 class _Forward:
-    """One forward of an equalized model on one thread: its registry and how often each owner was called."""
+    """One forward of an equalized model on one thread: its registry, how often each owner was called, and the
+    module that answered to each owner's path."""
 
-    __slots__ = ("reg", "calls")
+    __slots__ = ("reg", "calls", "modules")
 
     def __init__(self, reg: EqualizerRegistry) -> None:
         self.reg = reg
         self.calls: dict[str, int] = defaultdict(int)
+        self.modules: dict[str, nn.Module] = {}
 
 
 class _PerThread(threading.local):
@@ -262,8 +264,21 @@ def _leave_model(module: nn.Module, _args, out) -> None:
     forward = _local.forwards.pop() if _local.forwards else None
     if forward is None or out is None or _local.bypass or (_local.forwards and _local.forwards[-1] is forward):
         return  # not equalized, raised (that error is the one to see), captured, or inside a recursion
-    if any(path not in forward.calls for path in forward.reg.owners):  # an owner not called: replaced?
-        check_attached(module)
+    if any(path not in forward.calls for path in forward.reg.owners) or _moved(module, forward):
+        check_attached(module)  # an owner not called (replaced?), or a module answering to another's path
+
+
+def _moved(model: nn.Module, forward: _Forward) -> bool:
+    """Whether a module that ran as an owner no longer sits at that owner's path (two owners swapped, an owner
+    moved): its equalizers were measured at another place. A copy of it inside a wrapper at the path (peft
+    ``modules_to_save``) is at its place."""
+    if torch.compiler.is_compiling():
+        return False
+    for path, module in forward.modules.items():
+        found = _submodule(model, path)
+        if found is not module and (found is None or not any(m is module for m in found.modules())):
+            return True
+    return False
 
 
 def _drop_stale(frame) -> None:
@@ -339,6 +354,13 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
         if module is None:
             raise UsageError(f"{path} held equalizer sites of {type(model).__name__} but the model has no such module "
                              f"any more: se_surgery.equalize the plain model again.")
+        sources = {key.source.rpartition("+")[0] for key in reg.owners[path].sites} - {""}
+        own = {getattr(vars(c)["forward"], "__qualname__", "") for c in type(module).__mro__ if "forward" in vars(c)}
+        if sources - own:
+            raise UsageError(f"{path or 'the model'} is now a {type(module).__name__}, but its equalizer sites were "
+                             f"found in {', '.join(sorted(sources))}: the new module makes other calls. Equalize the "
+                             f"model with the new module afresh (se_surgery.equalize on a model without equalizers), "
+                             f"or put back a module of the class the sites were found in.")
         _remove_hooks(module)
         _hook_owner(module, path, reg)
         _sync_callees(model)
@@ -388,8 +410,27 @@ def _pop(module: nn.Module) -> _Entered | None:
 
 
 def _enter_callee(module: nn.Module, _args) -> None:
-    """Pre-hook of the modules an owner's forward calls: pause the owner's mode."""
+    """Pre-hook of the modules an owner's forward calls: pause the owner's mode. Outside any equalized model's
+    forward, first check that the call does not come from an owner's forward called directly."""
+    if not _local.forwards and not torch.compiler.is_compiling():
+        _check_direct_forward()
     _push(module, _Entered(None, None, _pause()))
+
+
+def _check_direct_forward() -> None:
+    """A :class:`~se_surgery.SiteMismatchError` where the forward calling this module is an owner's ``forward``
+    called directly (``model.forward(x)``, which runs no module hooks): its equalizers would not act."""
+    frame = _forward_frame()
+    if frame is None:
+        return
+    owners = [m for m in list(_homes.keys()) if any(vars(c).get("forward") is not None and
+                                                  getattr(vars(c)["forward"], "__code__", None) is frame.f_code
+                                                  for c in type(m).__mro__)]
+    if owners and not any(id(m) in _local.entered for m in owners):
+        raise SiteMismatchError(
+            f"{type(owners[0]).__name__}.forward was called directly (module.forward(x)), which runs no module "
+            f"hooks, so the scale equalizers of its sites would not act. Call the module itself (module(x)), as "
+            f"training and serving frameworks do.")
 
 
 def _leave_callee(module: nn.Module, _args, _out) -> None:
@@ -429,6 +470,7 @@ def _enter_owner(path: str, module: nn.Module, args):
         return _enter_callee(module, args)
     call = forward.calls[path]
     forward.calls[path] = call + 1
+    forward.modules[path] = module
     if owner.calls <= call < _limit(owner, module):  # extra training calls: plain
         return _enter_callee(module, args)
     if call < owner.calls and _module_resize(module, args):
@@ -532,7 +574,8 @@ def _check_met(path: str, module: nn.Module, mode: _OwnerMode) -> None:
                        "The model's source cannot be read here, so no call can be placed: install it with its .py "
                        "files. " if not _readable(module) else
                        "The forward takes another path at this input size than at the example size; equalize at the "
-                       "size you run at."))
+                       "size you run at. (A call the forward hands to another thread, a pool inside the forward, is "
+                       "not seen either: make it on the thread that calls the model.)"))
 
 
 def _in_checkpoint() -> bool:

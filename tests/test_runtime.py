@@ -276,3 +276,84 @@ def test_a_resize_in_a_hook_of_a_module_the_owner_calls_is_not_the_owners_call()
     with torch.no_grad():
         torch.testing.assert_close(eq(x), _by_hand(model, eq, x))
         torch.testing.assert_close(shown[0], F.interpolate(model.a(x), scale_factor=2, mode="bilinear"))
+
+
+def test_an_owners_forward_called_directly_says_its_equalizers_would_not_act():
+    from decoders import Small
+
+    data = _data()
+    for model, call in [(NotSelf().eval(), lambda eq, x: eq.forward(x)),
+                        (Small().eval(), lambda eq, x: eq.head.forward([x[:, :4, ::2, ::2], x[:, :4, ::4, ::4],
+                                                                        x[:, :4, ::8, ::8]]))]:
+        eq = se.equalize(model, (data[0],), data, progress=False)
+        x = torch.randn(1, 3, 32, 32)
+        with pytest.raises(se.SiteMismatchError, match=r"\.forward was called directly .* Call the module itself"):
+            call(eq, torch.cat([x, x[:, :1]], 1) if isinstance(model, Small) else x)
+        eq(x)  # called as a module: fine
+
+
+def test_two_owners_swapped_are_replaced_everywhere_until_recalibrated():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h1, self.h2 = NotSelf(), NotSelf()
+
+        def forward(self, x):
+            return self.h1(x) + self.h2(x * 2)
+
+    data = _data()
+    eq = se.equalize(Two().eval(), (data[0],), data, progress=False)
+    eq.h1, eq.h2 = eq.h2, eq.h1
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(se.SiteMismatchError, match="h1, h2 of Two is not the module its equalizers"):
+        eq(x)
+    assert "NOT ACTING: h1, h2" in se.describe(eq)
+    with pytest.raises(se.SiteMismatchError):
+        se.fold(eq)
+    se.calibrate(eq, data)  # the equalizers are attached to the modules now at each path and measured again
+    back = se.restore(Two(), eq.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), eq(x))
+
+
+class AtenResize(NotSelf):
+    def forward(self, x):
+        up = torch.ops.aten.upsample_bilinear2d.vec(self.a(x), None, False, [2.0, 2.0])
+        return self.fuse(torch.cat([up, x], 1))
+
+
+def test_a_resize_called_as_an_aten_op_is_equalized():
+    model = AtenResize().eval()
+    data = _data()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(x), _by_hand(model, eq, x))
+
+
+def test_an_owner_replaced_by_a_module_of_another_class_says_to_equalize_afresh():
+    from decoders import Head, Small
+
+    class OtherHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Head()
+
+        def forward(self, feats):
+            return self.inner(feats)
+
+    data = _data()
+    eq = se.equalize(Small().eval(), (data[0],), data, progress=False)
+    eq.head = OtherHead()
+    with pytest.raises(se.UsageError, match=r"head is now a OtherHead, but its equalizer sites were found in "
+                                            r"Head\.forward.*afresh"):
+        se.calibrate(eq, data)
+
+
+def test_a_model_holding_a_compiled_submodule_is_refused_with_what_to_do():
+    from decoders import Small
+
+    model = Small().eval()
+    model.head = torch.compile(model.head)
+    with pytest.raises(se.UsageError, match="head of Small is a torch.compile'd module.*then compile"):
+        se.equalize(model, (_data()[0],), _data(), progress=False)
