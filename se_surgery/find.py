@@ -27,7 +27,17 @@ from collections import defaultdict
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .ops import CHANNEL_KEEPING, CONVS, FUSION_OPS, LINEAR, PARAMETRIZED, PRODUCTS, RESIZE_OPS, branch_inputs
+from .ops import (
+    CHANNEL_KEEPING,
+    CONVS,
+    FUSION_OPS,
+    GATES,
+    LINEAR,
+    PARAMETRIZED,
+    PRODUCTS,
+    RESIZE_OPS,
+    branch_inputs,
+)
 from .site import Consumer, Site, source_key_in_trace
 
 aten = torch.ops.aten
@@ -144,6 +154,7 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
     An addition or concatenation whose other inputs all derive from ``start`` too (a residual ``h + f(h)``) is not
     a fusion of two levels: the branch passes through it."""
     derived = _closure(start, lambda n: n.users) | {start}
+    gate = _gate(start.args[0], live)  # the upsampled map is itself a gate (f * up(sigmoid(a))): no product carries it
     found, seen, todo = [], set(), [start]
     while todo:
         node = todo.pop()
@@ -160,12 +171,27 @@ def _fusions_reached(start: Node, live: set[Node]) -> list[tuple[Node, Node]]:
             elif user.target in LINEAR or user.target is operator.getitem:
                 if user.target in PARAMETRIZED and user.args[0] is not node:
                     continue  # the branch is a weight here, not the data
-                if user.target in PRODUCTS and sum(isinstance(a, Node) and a in live for a in user.args[:2]) > 1:
-                    continue  # gated or attended by another data-dependent tensor (or squared): not linear
+                if user.target in PRODUCTS:
+                    operands = [a for a in user.args[:2] if isinstance(a, Node) and a in live]
+                    others = [a for a in operands if a is not node]
+                    if len(operands) > 1 and not others or others and (gate or not all(_gate(a, live) for a in others)):
+                        continue  # squared, attended by another feature, or itself a gate: not linear in the branch
                 todo.append(user)
             elif user.target in FUSION_OPS and not FUSION_OPS[user.target].listed:
                 todo.append(user)  # adding a constant (a bias, an equalizer's mean) keeps the branch linear
     return found
+
+
+def _gate(node: Node, live: set[Node], depth: int = 0) -> bool:
+    """Whether a data-dependent tensor is a gate: made by a squashing op (sigmoid, tanh, softmax), through ops that
+    keep it one (views, sums and products of gates, scaling by constants)."""
+    if not isinstance(node, Node) or node.op != "call_function" or depth > 32:
+        return False
+    if node.target in GATES:
+        return True
+    inputs = [a for a in node.args if isinstance(a, Node) and a in live]
+    keeps = node.target in LINEAR and node.target not in PARAMETRIZED or node.target in FUSION_OPS
+    return keeps and bool(inputs) and all(_gate(a, live, depth + 1) for a in inputs)
 
 
 def _consumer(site: Node, sig: torch.export.ExportGraphSignature, fusion: Node | None = None) -> Consumer | None:

@@ -94,6 +94,11 @@ LINEAR = PARAMETRIZED | PRODUCTS | set(RESIZE_OPS) | {
     aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, aten.split.Tensor,
     aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int, aten.im2col.default, aten.col2im.default,
 }
+# Squashing ops: their output is a gate (bounded, multiplies a feature), not a feature. A product of a branch with a
+# gate scales with the branch (an attention block's ``x * sigmoid(...)``); a product whose branch is itself a gate
+# (``f * up(sigmoid(a))``) ends it.
+GATES = {aten.sigmoid.default, aten.tanh.default, aten.hardsigmoid.default, aten._softmax.default,
+         aten.softmax.int, aten.sigmoid_.default, aten.tanh_.default, aten.hardsigmoid_.default}
 # ... of which these keep every channel where it is (an affine map of the branch commutes with them)
 CHANNEL_KEEPING = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.dropout.default,
                    aten.feature_dropout.default, aten.dropout_.default, aten.feature_dropout_.default}

@@ -215,3 +215,28 @@ class Recursive(nn.Module):
             return self.a(x)
         inner = F.interpolate(self(F.avg_pool2d(x, 2), depth - 1), size=x.shape[-2:], mode="bilinear")
         return self.fuse(torch.cat([self.a(x), inner], 1))
+
+
+class Attention(nn.Module):
+    """smp MAnet's decoder block with bilinear upsampling: the upsampled *feature* multiplied by a gate made of two
+    squeeze-excitations (each ending in a sigmoid), then concatenated with the skip: 1 site per block (2)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.ModuleList(nn.Conv2d(3, c, 3, stride=s, padding=1) for s in (2, 4, 8))
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+        self.se_hl = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.Sigmoid())
+                                   for _ in range(2))
+        self.se_ll = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1), nn.Sigmoid())
+                                   for _ in range(2))
+        self.fuse = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for _ in range(2))
+
+    def forward(self, x):
+        f4, f8, f16 = (torch.relu(conv(x)) for conv in self.stem)
+        y = f16
+        for i, skip in enumerate((f8, f4)):
+            y = F.interpolate(self.convs[i](y), scale_factor=2, mode="bilinear")
+            att = self.se_hl[i](y) + self.se_ll[i](skip)
+            y = y * att
+            y = self.fuse[i](torch.cat([y, skip], 1))
+        return y

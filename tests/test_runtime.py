@@ -357,3 +357,20 @@ def test_a_model_holding_a_compiled_submodule_is_refused_with_what_to_do():
     model.head = torch.compile(model.head)
     with pytest.raises(se.UsageError, match="head of Small is a torch.compile'd module.*then compile"):
         se.equalize(model, (_data()[0],), _data(), progress=False)
+
+
+def test_an_upsampled_feature_times_a_gate_is_a_site_an_upsampled_gate_is_not():
+    from decoders import Attention, Gate
+
+    data = _data()
+    model = Attention().eval()
+    eq = se.equalize(model, (data[0],), data, progress=False)
+    assert [e.site.name for e in se.equalizers(eq)] == ["model.call0_resize0", "model.call0_resize1"]
+    seen = []
+    for e in se.equalizers(eq):
+        e.register_forward_hook(lambda m, i, o: seen.append(o.std().item()))
+    with torch.no_grad():
+        eq(data[0])
+    assert len(seen) == 2
+    with pytest.warns(UserWarning, match="no interpolating upsampling feeds a fusion"):
+        assert se.equalizers(se.equalize(Gate(), (data[0],), progress=False)) == []
