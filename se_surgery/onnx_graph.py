@@ -160,6 +160,8 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
     with affine maps), or, when the Resize also feeds other branches, after it on this branch (``branch``: its uses).
     """
     shared = resize.op_type != "Resize" or bool(set(resize.outputs[0].uses()) - set(branch))
+    pinned = not shared and _pinned(resize.inputs[0], resize.outputs[0])
+    shared = shared or pinned
     channels = len(shift)
     value = resize.outputs[0] if shared else resize.inputs[0]
     rank = len(value.shape) if value.shape is not None else 4
@@ -181,11 +183,23 @@ def _insert_affine(graph: ir.Graph, resize: ir.Node, scale: np.ndarray | None, s
         graph.insert_after(resize, added)
         for use in branch:
             use.node.replace_input_with(use.idx, value)
-        return len(added), ("after Resize (shared with another branch)" if resize.op_type == "Resize" else
+        return len(added), ("after Resize (the graph fixes its input's size at the export size)" if pinned else
+                            "after Resize (shared with another branch)" if resize.op_type == "Resize" else
                             f"after {resize.op_type} (the exporter decomposed the resize)")
     graph.insert_before(resize, added)
     resize.replace_input_with(0, value)
     return len(added), "before Resize"
+
+
+def _pinned(value: ir.Value, resized: ir.Value) -> bool:
+    """Whether ``value``'s shape gives fixed spatial sizes where the resize's output has dynamic ones: torch.onnx
+    records a deep level's size at the export size (1 x 1 x 1) even where it changes with the input, which
+    onnxruntime tolerates at a Resize but not at an elementwise op it plans buffers for (two such values of equal
+    recorded shape share a buffer): the affine map goes after the Resize there."""
+    if value.shape is None or resized.shape is None:
+        return False
+    return any(isinstance(d, int) for d in list(value.shape)[2:]) and \
+        not all(isinstance(d, int) for d in list(resized.shape)[2:])
 
 
 def _fold_one(graph: ir.Graph, resize: ir.Node, chain: list[ir.Node], a: np.ndarray, b: np.ndarray,

@@ -240,3 +240,32 @@ class Attention(nn.Module):
             y = y * att
             y = self.fuse[i](torch.cat([y, skip], 1))
         return y
+
+
+def _cbr3(i, o):
+    return nn.Sequential(nn.Conv3d(i, o, 3, 2, 1, bias=False), nn.BatchNorm3d(o), nn.ReLU())
+
+
+class Deep3D(nn.Module):
+    """Four 3-D levels upsampled to the first and summed, through BatchNorm/Dropout/Identity: 4 sites, of which the
+    two deepest start at 1 x 1 x 1 at 16^3 (torch.onnx records that size as fixed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _cbr3(1, 8)
+        self.down = nn.ModuleList([_cbr3(8, 8) for _ in range(4)])
+        self.pre = nn.ModuleList([nn.BatchNorm3d(8), nn.Dropout(0.1), nn.Identity(), nn.BatchNorm3d(8)])
+        self.aligns = [False, False, True, False]
+        self.consumer = nn.Conv3d(8, 3, 1)
+
+    def _up(self, x, ref, k):
+        return F.interpolate(x, size=ref.shape[2:], mode="trilinear", align_corners=self.aligns[k])
+
+    def forward(self, x):
+        f = f0 = self.stem(x)
+        feats = [f0]
+        for k in range(4):
+            f = self.down[k](f)
+            feats.append(self.pre[k](self._up(f, f0, k)))
+        y = self.consumer(torch.stack(feats).sum(0))
+        return F.interpolate(y, size=x.shape[2:], mode="trilinear", align_corners=False)

@@ -302,3 +302,20 @@ def test_export_from_a_batch_of_one_stays_dynamic(tmp_path):
     with torch.no_grad():
         expected = eq(pixel_values=x).logits.numpy()
     assert abs(_ort(report.path, x) - expected).max() <= 1e-3 * abs(expected).max()
+
+
+@pytest.mark.slow
+def test_a_3d_fold_whose_deep_levels_the_export_pins_runs_at_another_size(tmp_path):
+    from decoders import Deep3D
+
+    torch.manual_seed(10071)
+    model = Deep3D()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    eq = se.equalize(model, (x,), [torch.randn(2, 1, 16, 16, 16) * 2 + 0.3 for _ in range(3)], progress=False)
+    report = se.export_onnx(eq, (x,), tmp_path / "deep.onnx")  # its checks run (3, 1, 48, 48, 48) in onnxruntime
+    assert any("fixes its input's size" in f.form for f in report.folds), report.folds
