@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import build  # noqa: E402
 
 import se_surgery as se  # noqa: E402
-from se_surgery.runtime import _callees  # noqa: E402
+from se_surgery.install import _callees  # noqa: E402
 
 
 def segformer(size: str):

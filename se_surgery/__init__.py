@@ -15,9 +15,9 @@ from .errors import (
 )
 from .find import find_sites
 from .fold import fold
+from .install import equalizers
 from .onnx import FoldReport, export_onnx, fold_onnx
 from .report import BranchScale, ScaleReport, describe, scale_report
-from .runtime import equalizers
 from .site import Consumer, Site
 from .state import Compensation, FoldAction, FoldReason, FoldStep
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .runtime import foreign_hooks
+from .install import foreign_hooks
 from .site import Consumer
 from .state import FoldReason
 

@@ -20,8 +20,8 @@ from torch import nn
 from .calibrate import InputFn, RunningMoments, input_batches, run_batch
 from .errors import warn
 from .find import find_sites
+from .install import attach, equalizers
 from .modes import copy_model, norm_mode
-from .runtime import attach, equalizers
 from .state import registry
 
 # How many calibration batches the measurement reads.

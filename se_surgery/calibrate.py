@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
+from .install import equalizers, reattach
 from .modes import norm_mode, resolve_norm, running_norms, untrained_norms
-from .runtime import equalizers, reattach, registry
+from .state import registry
 
 InputFn = Callable[[Any], Any]
 # A branch whose std is below this fraction of its RMS carries only rounding noise: equalizing would amplify it.

@@ -2,7 +2,7 @@
 
 torch.export(strict=False) captures models that torch.fx.symbolic_trace cannot (shape checks, list inputs), but the
 exported module is fixed to the traced signature and ignores .train()/.eval(). So se_surgery never runs the
-exported graph: it reads it to find sites, then edits the user's own eager module (see runtime.py).
+exported graph: it reads it to find sites, then edits the user's own eager module (see dispatch.py).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from torch import nn
 from .equalize import equalize
 from .errors import UsageError, warn
 from .inputs import model_device
+from .install import detach, equalizers
 from .integrations.zoo import from_pretrained, saved_by_transformers
-from .runtime import detach, equalizers
 from .state import RECIPE_KEY, decode, encode, registry
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")

@@ -13,12 +13,13 @@ from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .balance import record, spreads, warn_wider
 from .calibrate import InputFn, check_data, check_scale, run_levels
 from .capture import capture
+from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError, warn
 from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
+from .install import attach, equalizers, reattach
 from .modes import copy_model, eval_mode, resolve_norm
-from .runtime import attach, bypassed, equalizers, reattach
 from .site import Site
 from .state import Compensation, registry
 

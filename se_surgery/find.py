@@ -16,7 +16,7 @@ The rule (README "Which upsamplings are sites" gives the reasons):
 
 Regions that export as higher-order-op subgraphs (``torch.no_grad()`` blocks, autocast) are inlined first. Each
 site records what its call *is* at run time (``Site.call_key``: owner call, op kind, source line, occurrence among
-that line's calls), which is how ``runtime.py`` recognises it at any input size.
+that line's calls), which is how ``dispatch.py`` recognises it at any input size.
 """
 
 from __future__ import annotations

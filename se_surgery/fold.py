@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
+from .dispatch import check_attached
 from .errors import NotCalibratedError, warn
+from .install import detach, equalizers
 from .modes import copy_model
-from .runtime import check_attached, detach, equalizers
 from .state import FoldAction, FoldReason, FoldStep, registry
 
 

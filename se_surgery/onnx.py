@@ -25,11 +25,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .dispatch import check_attached
 from .errors import OnnxError
 from .inputs import ExampleInputs, split_inputs
+from .install import equalizers
 from .integrations.zoo import export_hint
 from .modes import eval_mode
-from .runtime import check_attached, equalizers
 
 if TYPE_CHECKING:
     from .onnx_graph import Fold

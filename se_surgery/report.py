@@ -20,14 +20,15 @@ from torch import nn
 
 from .balance import WIDER
 from .calibrate import RunningMoments, choose_norm, input_batches, run_batch
+from .dispatch import check_attached, replaced_owners
 from .equalize import equalize
 from .errors import CalibrationError
 from .files import atomic_write
 from .inputs import ExampleInputs, model_device
+from .install import equalizers
 from .integrations.zoo import main_logits
 from .modes import norm_mode
 from .ops import NOUNS
-from .runtime import check_attached, equalizers, replaced_owners
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 
 _REASONS = {

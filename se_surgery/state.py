@@ -1,9 +1,9 @@
 """The saved state: what an equalized model carries (``model.scale_equalizers``), the records of what
 ``preserve_function`` and ``fold`` did, and the recipe codec that lets ``restore`` rebuild the model.
 
-Everything here is data: no hooks, no modes (``runtime.py``), no graph pass (``find.py``). Records are enums, stored
-as their values in checkpoints; ``report.describe`` renders them as sentences. The recipe is untrusted input when
-it comes back from a file: :func:`decode` checks every field before anything is built from it.
+Everything here is data: no hooks, no modes (``install.py``, ``dispatch.py``), no graph pass (``find.py``). Records
+are enums, stored as their values in checkpoints; ``report.describe`` renders them as sentences. The recipe is
+untrusted input when it comes back from a file: :func:`decode` checks every field before anything is built from it.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class EqualizerRegistry(nn.ModuleDict):
     The only attribute se_surgery adds to a model. Its buffers are the equalizers' (``scale_equalizers.<site>.
     {mean,std,calibrated}`` in the state_dict); the recipe and the records ride along as
     ``scale_equalizers._extra_state``. Nothing per call is kept here (that lives with the calling thread, see
-    ``runtime.py``), so one model can serve many threads."""
+    ``dispatch.py``), so one model can serve many threads."""
 
     __jit_unused_properties__ = ["folds"]  # an emptied registry scripts with the folded model (TorchScript)
 

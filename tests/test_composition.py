@@ -538,16 +538,16 @@ def test_state_dicts_that_lost_their_recipe_or_belong_elsewhere_are_refused():
 def test_the_runtime_dispatches_only_the_calls_an_owner_makes_itself(monkeypatch):
     """Issue 21: the modules an owner calls run without its TorchFunctionMode, and an ``nn.Upsample`` owner needs no
     mode at all; the equalizers act as before (standardized on the calibration data, folded exactly)."""
-    from se_surgery import runtime
+    from se_surgery import dispatch
 
     seen = []
-    handle = runtime._OwnerMode.__torch_function__
+    handle = dispatch._OwnerMode.__torch_function__
 
     def spy(self, func, types, args=(), kwargs=None):
         seen.append(func.__name__)
         return handle(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(runtime._OwnerMode, "__torch_function__", spy)
+    monkeypatch.setattr(dispatch._OwnerMode, "__torch_function__", spy)
     data = _data()
     eq = _eq(Small())
     seen.clear()

@@ -1,24 +1,37 @@
-"""Runtime: how the equalizers act inside the user's own eager model, and how a call is recognised as a site.
+"""Dispatch: how the equalizers act inside the user's own eager model, call by call, and how a call is recognised
+as a site. The installation (which hooks sit where, the registry) is ``install.py``; this module only runs them.
 
 A site's resize usually sits in the middle of some module's forward (``F.interpolate`` in a decoder head), where no
 module hook reaches, and rewriting the forward would lose the user's class. So each *owner* module gets a forward
-pre-hook that enters a ``TorchFunctionMode`` for the duration of its forward, and a post-hook that leaves it. The
-mode recognises a call by what it is (:class:`~se_surgery.site.CallKey`): the owner's call number, the op kind,
-the source line in the owner's forward that made it, and which of that line's calls it is (a loop makes several).
-Input size, graph breaks, ``no_grad`` regions and extra calls elsewhere do not change that identity. What cannot be
-matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an equalizer never acts on another tensor.
+pre-hook (:func:`_enter_owner`) that enters a ``TorchFunctionMode`` for the duration of its forward, and a
+post-hook (:func:`_leave_owner`) that leaves it. The mode recognises a call by what it is
+(:class:`~se_surgery.site.CallKey`): the owner's call number, the op kind, the source line in the owner's forward that
+made it, and which of that line's calls it is (a loop makes several); and that it is the owner's own call: the first
+module call above it is the one whose pre-hook entered the mode (known by its frame, not by the name of the
+forward's first parameter). Input size, graph breaks, ``no_grad`` regions and extra calls elsewhere do not change
+that identity. What cannot be matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an
+equalizer never acts on another tensor.
 
-The mode dispatches only the owner's own calls: an owner's sites are calls its own code makes (the graph names the
-innermost module as the owner), so the modules it calls (convs, norms, blocks) get hooks that take the mode off the
-stack for their call. An owner that is an ``nn.Upsample`` needs no mode at all: its call is the site, and its hooks
-equalize its input or output directly. An upsampling's equalizer acts on the resize's input in eager runs, the same
-map at 1/factor^d of the work (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`). So the run-time cost is
-that arithmetic plus a few Python calls per owner and callee call.
+The mode dispatches only the owner's own calls, so the modules it calls (convs, norms, blocks) get hooks that take
+the mode off the stack for their call (:func:`_enter_callee`). An owner that is an ``nn.Upsample`` needs no mode: its
+call is the site, and its hooks equalize its input or output directly. An upsampling's equalizer acts on the
+resize's input in eager runs, the same map at 1/factor^d of the work
+(:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
 
-What one call needs (which call of an owner this is, the active modes) lives with the thread that makes it, never
-on the model, so any number of threads can run one model. The hooks hold no reference to the model's state: they
-find it through the model forward running on their thread (the model's own pre-hook announces it), so a copied
-owner put back into the model (peft ``modules_to_save``, a deep-copied submodule) uses the model's equalizers.
+Invariants, checked where they can break:
+
+- A thread's record (``_local``) holds, per running forward of an equalized model, its :class:`_Forward` and the
+  module-call frame it runs in, innermost last; and per running hooked module call, what it entered and paused. Once
+  the outermost forward returns, both are empty and no owner mode is on the torch function stack
+  (:func:`_leave_model` checks). A forward interrupted by a ``BaseException`` (Ctrl-C), for which torch skips the
+  cleaning hooks, leaves records whose frames are gone: the next forward drops them (:func:`_drop_stale`).
+- The torch function stack holds an owner's mode exactly while that owner's own code runs: entered by its pre-hook,
+  taken off while a module it calls runs, put back after, left by its post-hook.
+
+What one call needs lives with the thread that makes it, never on the model, so any number of threads can run one
+model. The hooks hold no reference to the model's state: they find it through the model forward running on their
+thread (the model's own pre-hook announces it), so a copied owner put back into the model (peft
+``modules_to_save``, a deep-copied submodule) uses the model's equalizers.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from torch._guards import TracingContext
 from torch.overrides import TorchFunctionMode
 
 from .equalizer import ScaleEqualizer
-from .errors import SiteMismatchError, UsageError
+from .errors import SiteMismatchError
 from .ops import FUSION_FUNCS, INPLACE_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
 from .site import Site, is_caller, source_key
 from .state import EqualizerRegistry, OwnerSites, fx_error, registry
@@ -109,16 +122,6 @@ _CALL_IMPL = nn.Module._call_impl.__code__
 def _forward(name: str, filename: str) -> bool:
     """A user's ``forward`` frame, or the rest of one that torch.compile resumes after a graph break."""
     return (name == "forward" or name.startswith("torch_dynamo_resume_in_forward")) and is_caller(filename)
-
-
-def equalizers(model: nn.Module) -> list[ScaleEqualizer]:
-    """The model's equalizers, in the order the graph pass found them.
-
-    Args:
-        model: a model returned by :func:`se_surgery.equalize` (any other model gives ``[]``).
-    """
-    found = registry(model)
-    return list(found.values()) if found is not None else []
 
 
 class bypassed:
@@ -262,10 +265,25 @@ def _leave_model(module: nn.Module, _args, out) -> None:
     if _local.frames:
         _local.frames.pop()
     forward = _local.forwards.pop() if _local.forwards else None
+    if out is not None and not _local.forwards and not torch.compiler.is_compiling():
+        _check_clean()
     if forward is None or out is None or _local.bypass or (_local.forwards and _local.forwards[-1] is forward):
         return  # not equalized, raised (that error is the one to see), captured, or inside a recursion
     if any(path not in forward.calls for path in forward.reg.owners) or _moved(module, forward):
         check_attached(module)  # an owner not called (replaced?), or a module answering to another's path
+
+
+def _check_clean() -> None:
+    """The invariant after the outermost forward on a thread: nothing entered is left and no owner mode is on the
+    torch function stack (a leftover would dispatch the user's later calls as if inside an owner)."""
+    depth = torch._C._len_torch_function_stack()
+    left = [torch._C._get_function_stack_at(i) for i in range(depth)]
+    if _local.entered or any(isinstance(mode, _OwnerMode) for mode in left):
+        _local.entered.clear()
+        _pop_owner_modes()
+        raise RuntimeError("se_surgery: a forward left owner calls unfinished on this thread (a hook that returned "
+                           "without its pair, or a module called across threads); the state was reset. Please "
+                           "report this with the model.")
 
 
 def _moved(model: nn.Module, forward: _Forward) -> bool:
@@ -301,9 +319,14 @@ def _drop_stale(frame) -> None:
             return  # an owner running on its own (called outside a model forward) that calls a model: not stale
         _local.entered.clear()
         _local.handling = 0
-        while torch._C._len_torch_function_stack() and isinstance(
-                torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), _OwnerMode):
-            torch._C._pop_torch_function_stack()
+        _pop_owner_modes()
+
+
+def _pop_owner_modes() -> None:
+    """Take the owner modes off the top of this thread's torch function stack."""
+    while torch._C._len_torch_function_stack() and isinstance(
+            torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), _OwnerMode):
+        torch._C._pop_torch_function_stack()
 
 
 def replaced_owners(model: nn.Module) -> list[str]:
@@ -342,33 +365,6 @@ def check_attached(model: nn.Module) -> None:
         f"were attached to (it was replaced, e.g. model.decoder = ...), so {len(names)} equalizer(s) ({names[0]}"
         f"{', ...' if len(names) > 1 else ''}) would not act. Call se_surgery.calibrate(model, data) to equalize the "
         f"new module (its equalizers are attached to it and measured again), or se_surgery.equalize the plain model.")
-
-
-def reattach(model: nn.Module) -> list[ScaleEqualizer]:
-    """Hook the replacing modules of :func:`replaced_owners` and mark their equalizers uncalibrated (the new module
-    has other statistics); returns those equalizers. An owner whose path is gone is a UsageError."""
-    reg = registry(model)
-    renewed = []
-    for path in replaced_owners(model):
-        module = _submodule(model, path)
-        if module is None:
-            raise UsageError(f"{path} held equalizer sites of {type(model).__name__} but the model has no such module "
-                             f"any more: se_surgery.equalize the plain model again.")
-        sources = {key.source.rpartition("+")[0] for key in reg.owners[path].sites} - {""}
-        own = {getattr(vars(c)["forward"], "__qualname__", "") for c in type(module).__mro__ if "forward" in vars(c)}
-        if sources - own:
-            raise UsageError(f"{path or 'the model'} is now a {type(module).__name__}, but its equalizer sites were "
-                             f"found in {', '.join(sorted(sources))}: the new module makes other calls. Equalize the "
-                             f"model with the new module afresh (se_surgery.equalize on a model without equalizers), "
-                             f"or put back a module of the class the sites were found in.")
-        _remove_hooks(module)
-        _hook_owner(module, path, reg)
-        _sync_callees(model)
-        for targets in reg.owners[path].sites.values():
-            for name in targets.values():
-                reg[name].reset()
-                renewed.append(reg[name])
-    return renewed
 
 
 class _Entered(NamedTuple):
@@ -598,128 +594,3 @@ def _readable(module: nn.Module) -> bool:
         return bool(inspect.getsource(type(module).forward))
     except (OSError, TypeError):
         return False
-
-
-def _ours(hook, kinds=("owner", "callee", "model")) -> bool:
-    return "owner" in kinds and isinstance(hook, functools.partial) and hook.func in (_enter_owner, _leave_owner) \
-        or "callee" in kinds and hook in (_enter_callee, _leave_callee) \
-        or "model" in kinds and hook in (_enter_model, _leave_model)
-
-
-def foreign_hooks(module: nn.Module) -> bool:
-    """Whether the module has forward hooks other than se_surgery's."""
-    return any(not _ours(h) for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values())
-
-
-def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
-    return any(_ours(h, kinds) for h in module._forward_pre_hooks.values())
-
-
-def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee", "model")) -> None:
-    for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if _ours(h, kinds)]:
-            del hooks[key]
-            module._forward_hooks_always_called.pop(key, None)
-
-
-def _callees(module: nn.Module):
-    """The modules an owner's forward can call: its children, through containers that have no forward of their
-    own (``ModuleList``, ``ModuleDict``); never the equalizers."""
-    for child in module.children():
-        if isinstance(child, EqualizerRegistry):
-            continue
-        if type(child).forward is nn.Module.forward:
-            yield from _callees(child)
-        else:
-            yield child
-
-
-def _sync_callees(model: nn.Module) -> None:
-    """Give the modules the owners call (and only those) the hooks that pause an owner's mode during their call
-    (:func:`_pause`); an owner pauses its caller's mode itself."""
-    owners = [m for m in model.modules() if _has_hooks(m, ("owner",))]
-    wanted = {id(c) for o in owners for c in _callees(o) if not _has_hooks(c, ("owner",))}
-    for module in model.modules():
-        hooked = _has_hooks(module, ("callee",))
-        if hooked and id(module) not in wanted:
-            _remove_hooks(module, ("callee",))
-        elif not hooked and id(module) in wanted:
-            module.register_forward_pre_hook(_enter_callee)
-            module.register_forward_hook(_leave_callee, always_call=True)
-
-
-def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
-           train_calls: dict[str, int] | None = None) -> list[ScaleEqualizer]:
-    """Give every site an equalizer in ``model.scale_equalizers`` and hook its owner; returns the new equalizers
-    (sites already equalized are skipped). ``train_calls``: owners the training-mode graph calls more often."""
-    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise UsageError(f"se_surgery cannot add equalizers to a bare {type(model).__name__}: wrap it in an "
-                         f"nn.Module whose forward calls it.")
-    reg = registry(model)
-    if reg is None:
-        reg = EqualizerRegistry()
-        model.scale_equalizers = reg
-        model.register_forward_pre_hook(_enter_model, prepend=True)
-        model.register_forward_hook(_leave_model, always_call=True)
-    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-    added = []
-    for site in sites:
-        name = site.module_name
-        if name in reg:
-            continue
-        owner = reg.owners.get(site.owner)
-        if owner is None:
-            owner = reg.owners[site.owner] = OwnerSites(site.owner, site.owner_calls,
-                                                        (train_calls or {}).get(site.owner))
-            _hook_owner(model.get_submodule(site.owner), site.owner, reg)
-        equalizer = ScaleEqualizer(site.shape[1] if len(site.shape) > 1 else 1, per_channel, site,
-                                   dtype=ref.dtype if ref is not None else None,
-                                   device=ref.device if ref is not None else None)
-        reg[name] = equalizer
-        owner.add(site, name)
-        added.append(equalizer)
-    _sync_callees(model)
-    return added
-
-
-def _guard_compiled_code() -> None:
-    """torch.compile does not guard on submodules' hooks by default (``skip_nnmodule_hook_guards``), so code it
-    compiled for a plain model of the same classes (a baseline compiled earlier in the process, or this model before
-    ``equalize(inplace=True)``) would run the equalized model without its equalizers. Turn those guards on and drop
-    the code compiled without them, once per process (again only if something turns them off)."""
-    if torch._dynamo.config.skip_nnmodule_hook_guards:
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-        torch.compiler.reset()
-
-
-def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
-    _guard_compiled_code()
-    _homes[module] = reg
-    module.register_forward_pre_hook(functools.partial(_enter_owner, path))
-    # first of the forward hooks: the user's see the equalized output, as if the forward had made it
-    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True, prepend=True)
-
-
-def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = False) -> None:
-    """Take one equalizer out; when none is left, the hooks go too and, unless ``keep_registry`` (an empty one
-    keeps fold's record and adds no state_dict key), the registry."""
-    reg = registry(model)
-    site = equalizer.site
-    owner = reg.owners[site.owner]
-    targets = owner.sites[site.call_key]
-    del targets[site.arg]
-    if not targets:
-        del owner.sites[site.call_key]
-    del reg[site.module_name]
-    if not owner.sites:
-        del reg.owners[site.owner]
-        for module in model.modules():  # the owner and any copy of it (hooks name the path, not the module)
-            if module is not model:
-                hooks = [h for h in module._forward_pre_hooks.values() if _ours(h, ("owner",))]
-                if hooks and all(h.args[0] == site.owner for h in hooks):
-                    _remove_hooks(module)
-    if not len(reg):
-        _remove_hooks(model)
-        if not keep_registry:
-            del model.scale_equalizers
-    _sync_callees(model)

@@ -1,0 +1,195 @@
+"""Installation: the equalizers' registry on the model and the hooks that run them, as verbs and their inverses.
+
+``attach`` gives a model its registry (``model.scale_equalizers``, the only attribute se_surgery adds), one
+equalizer per site and the hooks of ``dispatch.py`` on the modules that need them; ``detach`` takes an equalizer
+out again (and, with the last one, the hooks and the registry); ``reattach`` hooks the module that replaced an
+owner; ``_sync_callees`` keeps the callee hooks on exactly the modules the owners call. The declared state is the
+registry (:class:`~se_surgery.state.EqualizerRegistry`: the equalizers, and per owner path the
+:class:`~se_surgery.state.OwnerSites` its hooks read) and the hooks themselves, which hold only names: nothing else
+is kept on the user's modules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .dispatch import (
+    _enter_callee,
+    _enter_model,
+    _enter_owner,
+    _homes,
+    _leave_callee,
+    _leave_model,
+    _leave_owner,
+    _submodule,
+    replaced_owners,
+)
+from .equalizer import ScaleEqualizer
+from .errors import UsageError
+from .site import Site
+from .state import EqualizerRegistry, OwnerSites, registry
+
+
+def equalizers(model: nn.Module) -> list[ScaleEqualizer]:
+    """The model's equalizers, in the order the graph pass found them.
+
+    Args:
+        model: a model returned by :func:`se_surgery.equalize` (any other model gives ``[]``).
+    """
+    found = registry(model)
+    return list(found.values()) if found is not None else []
+
+
+def reattach(model: nn.Module) -> list[ScaleEqualizer]:
+    """Hook the replacing modules of :func:`replaced_owners` and mark their equalizers uncalibrated (the new module
+    has other statistics); returns those equalizers. An owner whose path is gone is a UsageError."""
+    reg = registry(model)
+    renewed = []
+    for path in replaced_owners(model):
+        module = _submodule(model, path)
+        if module is None:
+            raise UsageError(f"{path} held equalizer sites of {type(model).__name__} but the model has no such module "
+                             f"any more: se_surgery.equalize the plain model again.")
+        sources = {key.source.rpartition("+")[0] for key in reg.owners[path].sites} - {""}
+        own = {getattr(vars(c)["forward"], "__qualname__", "") for c in type(module).__mro__ if "forward" in vars(c)}
+        if sources - own:
+            raise UsageError(f"{path or 'the model'} is now a {type(module).__name__}, but its equalizer sites were "
+                             f"found in {', '.join(sorted(sources))}: the new module makes other calls. Equalize the "
+                             f"model with the new module afresh (se_surgery.equalize on a model without equalizers), "
+                             f"or put back a module of the class the sites were found in.")
+        _remove_hooks(module)
+        _hook_owner(module, path, reg)
+        _sync_callees(model)
+        for targets in reg.owners[path].sites.values():
+            for name in targets.values():
+                reg[name].reset()
+                renewed.append(reg[name])
+    return renewed
+
+
+def _ours(hook, kinds=("owner", "callee", "model")) -> bool:
+    return "owner" in kinds and isinstance(hook, functools.partial) and hook.func in (_enter_owner, _leave_owner) \
+        or "callee" in kinds and hook in (_enter_callee, _leave_callee) \
+        or "model" in kinds and hook in (_enter_model, _leave_model)
+
+
+def foreign_hooks(module: nn.Module) -> bool:
+    """Whether the module has forward hooks other than se_surgery's."""
+    return any(not _ours(h) for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values())
+
+
+def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
+    return any(_ours(h, kinds) for h in module._forward_pre_hooks.values())
+
+
+def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee", "model")) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if _ours(h, kinds)]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+
+
+def _callees(module: nn.Module):
+    """The modules an owner's forward can call: its children, through containers that have no forward of their
+    own (``ModuleList``, ``ModuleDict``); never the equalizers."""
+    for child in module.children():
+        if isinstance(child, EqualizerRegistry):
+            continue
+        if type(child).forward is nn.Module.forward:
+            yield from _callees(child)
+        else:
+            yield child
+
+
+def _sync_callees(model: nn.Module) -> None:
+    """Give the modules the owners call (and only those) the hooks that pause an owner's mode during their call
+    (:func:`_pause`); an owner pauses its caller's mode itself."""
+    owners = [m for m in model.modules() if _has_hooks(m, ("owner",))]
+    wanted = {id(c) for o in owners for c in _callees(o) if not _has_hooks(c, ("owner",))}
+    for module in model.modules():
+        hooked = _has_hooks(module, ("callee",))
+        if hooked and id(module) not in wanted:
+            _remove_hooks(module, ("callee",))
+        elif not hooked and id(module) in wanted:
+            module.register_forward_pre_hook(_enter_callee)
+            module.register_forward_hook(_leave_callee, always_call=True)
+
+
+def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
+           train_calls: dict[str, int] | None = None) -> list[ScaleEqualizer]:
+    """Give every site an equalizer in ``model.scale_equalizers`` and hook its owner; returns the new equalizers
+    (sites already equalized are skipped). ``train_calls``: owners the training-mode graph calls more often."""
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UsageError(f"se_surgery cannot add equalizers to a bare {type(model).__name__}: wrap it in an "
+                         f"nn.Module whose forward calls it.")
+    reg = registry(model)
+    if reg is None:
+        reg = EqualizerRegistry()
+        model.scale_equalizers = reg
+        model.register_forward_pre_hook(_enter_model, prepend=True)
+        model.register_forward_hook(_leave_model, always_call=True)
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    added = []
+    for site in sites:
+        name = site.module_name
+        if name in reg:
+            continue
+        owner = reg.owners.get(site.owner)
+        if owner is None:
+            owner = reg.owners[site.owner] = OwnerSites(site.owner, site.owner_calls,
+                                                        (train_calls or {}).get(site.owner))
+            _hook_owner(model.get_submodule(site.owner), site.owner, reg)
+        equalizer = ScaleEqualizer(site.shape[1] if len(site.shape) > 1 else 1, per_channel, site,
+                                   dtype=ref.dtype if ref is not None else None,
+                                   device=ref.device if ref is not None else None)
+        reg[name] = equalizer
+        owner.add(site, name)
+        added.append(equalizer)
+    _sync_callees(model)
+    return added
+
+
+def _guard_compiled_code() -> None:
+    """torch.compile does not guard on submodules' hooks by default (``skip_nnmodule_hook_guards``), so code it
+    compiled for a plain model of the same classes (a baseline compiled earlier in the process, or this model before
+    ``equalize(inplace=True)``) would run the equalized model without its equalizers. Turn those guards on and drop
+    the code compiled without them, once per process (again only if something turns them off)."""
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch.compiler.reset()
+
+
+def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
+    _guard_compiled_code()
+    _homes[module] = reg
+    module.register_forward_pre_hook(functools.partial(_enter_owner, path))
+    # first of the forward hooks: the user's see the equalized output, as if the forward had made it
+    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True, prepend=True)
+
+
+def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = False) -> None:
+    """Take one equalizer out; when none is left, the hooks go too and, unless ``keep_registry`` (an empty one
+    keeps fold's record and adds no state_dict key), the registry."""
+    reg = registry(model)
+    site = equalizer.site
+    owner = reg.owners[site.owner]
+    targets = owner.sites[site.call_key]
+    del targets[site.arg]
+    if not targets:
+        del owner.sites[site.call_key]
+    del reg[site.module_name]
+    if not owner.sites:
+        del reg.owners[site.owner]
+        for module in model.modules():  # the owner and any copy of it (hooks name the path, not the module)
+            if module is not model:
+                hooks = [h for h in module._forward_pre_hooks.values() if _ours(h, ("owner",))]
+                if hooks and all(h.args[0] == site.owner for h in hooks):
+                    _remove_hooks(module)
+    if not len(reg):
+        _remove_hooks(model)
+        if not keep_registry:
+            del model.scale_equalizers
+    _sync_callees(model)
