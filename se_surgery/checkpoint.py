@@ -175,6 +175,32 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
+# The key prefixes that wrappers add to a model's state_dict: DataParallel/DDP, torch.compile, Lightning modules.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def plain_entries(state: dict, model: nn.Module, source: Any) -> dict:
+    """A plain model's state_dict from a checkpoint whose keys may carry a wrapper's prefix (one or several of
+    :data:`WRAPPER_PREFIXES`), taken off where that makes the keys the model's; a :class:`~se_surgery.UsageError`
+    that says which prefix the keys have where they still do not match."""
+    wanted = set(model.state_dict())
+    keys = {k for k in state if isinstance(k, str)}
+    stripped = dict(state)
+    while not wanted <= set(stripped):
+        prefix = next((p for p in WRAPPER_PREFIXES if stripped and all(k.startswith(p) for k in stripped)), None)
+        if prefix is None:
+            break
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+    if wanted <= set(stripped) or not keys:
+        return stripped
+    first, mine = sorted(keys)[0], sorted(wanted)[0]
+    common = os.path.commonprefix(sorted(keys)).rpartition(".")[0]
+    under = f", all under '{common}.'" if common else ""
+    raise UsageError(f"{_name(source)}: its keys are not {type(model).__name__}'s ({len(wanted - set(stripped))} of "
+                     f"the model's are missing; the checkpoint's begin like {first!r}{under}, the model's like "
+                     f"{mine!r}). Load the state_dict of this architecture, without the prefix a wrapper added.")
+
+
 def _fingerprints(tensors) -> set[tuple]:
     import hashlib
 

@@ -95,7 +95,7 @@ def load_weighted(args: argparse.Namespace):
     """The model of --model with --weights loaded; a checkpoint of an equalized model gives it back equalized
     (``se_surgery.restore``), whatever made it: ``se-surgery equalize -o``, torch.save, safetensors."""
     import se_surgery as se
-    from se_surgery.checkpoint import RECIPE_KEY, read_state_dict
+    from se_surgery.checkpoint import RECIPE_KEY, plain_entries, read_state_dict
 
     model = load_model(args.model).eval()
     if not args.weights:
@@ -104,13 +104,14 @@ def load_weighted(args: argparse.Namespace):
         state = read_state_dict(args.weights)
     except se.SeSurgeryError as error:
         raise ValueError(f"--weights {error}") from error
-    if RECIPE_KEY in state:
+    if any(isinstance(k, str) and k.endswith(RECIPE_KEY) for k in state):  # (under a wrapper's prefix too)
         return se.restore(model, args.weights).eval()
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
+        model.load_state_dict(plain_entries(state, model, args.weights))
+    except (RuntimeError, se.UsageError) as error:
+        lines = str(error).splitlines()
         raise ValueError(f"--weights {args.weights}: not a state_dict of --model {args.model} "
-                         f"({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error})."
+                         f"({lines[1].strip() if isinstance(error, RuntimeError) and len(lines) > 1 else error})."
                          ) from error
     return model
 

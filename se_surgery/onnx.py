@@ -114,7 +114,8 @@ def ir_copy(model):
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.PathLike, *,
                 dynamic_spatial: bool | None = None, dynamic_batch: bool = True,
                 check_inputs: list[ExampleInputs] | None = None, tolerance: float = 1e-5,
-                export_tolerance: float = 1e-3, fold: bool = True) -> FoldReport:
+                export_tolerance: float = 1e-3, fold: bool = True,
+                output_names: list[str] | None = None) -> FoldReport:
     """Export an equalized model to ONNX with its equalizers folded, checked by onnxruntime.
 
     Args:
@@ -132,6 +133,9 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
         export_tolerance: the unfolded graph must match PyTorch within this (the exporter's and onnxruntime's
             float arithmetic).
         fold: fold the equalizers (False: export them as they are).
+        output_names: the graph's output names. ``None``: named after the model's outputs, as PyTorch code reads
+            them: a dict's keys (torchvision's ``out``), a transformers output's fields (``logits``), ``output`` for
+            a single tensor, ``output_0``, ``output_1``, ... for a tuple.
 
     Checked on ``example_inputs``, on a random input at batch 3 with every spatial dim 32 larger (what is
     dynamic), and on ``check_inputs``; errors are max abs differences relative to the output's max abs. Every
@@ -140,7 +144,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     check_attached(model)
     args, kwargs = split_inputs(example_inputs)
     job = _Export(args, kwargs, os.fspath(path), dynamic_batch, tuple(check_inputs or ()), tolerance,
-                  export_tolerance, fold)
+                  export_tolerance, fold, tuple(output_names) if output_names is not None else None)
     notes = []
     if dynamic_spatial is None:
         pooled = [name for name, m in model.named_modules() if isinstance(m, _ADAPTIVE) and
@@ -188,6 +192,7 @@ class _Export:
     tolerance: float
     export_tolerance: float
     fold: bool
+    output_names: tuple[str, ...] | None
 
 
 def _export(model: nn.Module, job: _Export, dynamic_spatial: bool, notes: list[str]) -> FoldReport:
@@ -197,7 +202,8 @@ def _export(model: nn.Module, job: _Export, dynamic_spatial: bool, notes: list[s
 
     path, args, kwargs = job.path, job.args, job.kwargs
     with eval_mode(model), torch.no_grad():
-        unfolded = _torch_export(model, args, kwargs, dynamic_spatial, job.dynamic_batch)  # in memory, no file
+        names = list(job.output_names) if job.output_names is not None else _output_names(model(*args, **kwargs))
+        unfolded = _torch_export(model, args, kwargs, dynamic_spatial, job.dynamic_batch, names)  # in memory
         name_dims(unfolded)
         folded = ir_copy(unfolded)
         report = FoldReport(folds=fold_graph(folded, [eq.site for eq in equalizers(model)]) if job.fold else [],
@@ -276,8 +282,24 @@ def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
                                                    f"{_hint(baked)}{path} was not written.") from error
 
 
-def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_spatial: bool, dynamic_batch: bool):
-    """torch.onnx.export's graph, as the onnx-ir model it builds in memory."""
+def _output_names(outputs: Any) -> list[str]:
+    """The names of a model's output tensors as PyTorch code reads them (see :func:`export_onnx`)."""
+    from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path
+
+    names = []
+    for path, leaf in tree_flatten_with_path(outputs)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(k.key) if isinstance(k, MappingKey) else k.name if isinstance(k, GetAttrKey) else
+                 str(k.idx) if isinstance(k, SequenceKey) else str(k) for k in path]
+        name = ".".join(parts) or "output"
+        names.append(f"output_{name}" if name[0].isdigit() else name)
+    return names
+
+
+def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_spatial: bool, dynamic_batch: bool,
+                  output_names: list[str]):
+    """torch.onnx.export's graph, as the onnx-ir model it builds in memory, its outputs named ``output_names``."""
     def dims(value: Any):
         if not isinstance(value, torch.Tensor):
             return None
@@ -293,7 +315,8 @@ def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_spatial: 
     shapes = {k: dims(v) for k, v in kwargs.items()} if kwargs else tuple(dims(a) for a in args)
     try:
         program = torch.onnx.export(model, tuple(two(a) for a in args), kwargs={k: two(v) for k, v in kwargs.items()}
-                                    or None, dynamo=True, dynamic_shapes=shapes, verbose=False)
+                                    or None, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                    output_names=output_names)
     except Exception as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         extra = export_hint(model)

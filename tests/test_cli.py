@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import se_surgery as se
-from se_surgery.cli import main
+from se_surgery.cli import build_parser, load_weighted, main
 from se_surgery.integrations.zoo import load_model
 
 pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
@@ -160,3 +160,18 @@ def test_the_command_line_as_a_newcomer_meets_it(tmp_path):
     folder.mkdir()
     result = subprocess.run([*run, "fold", str(weights), "-o", str(folder)], capture_output=True, text=True)
     assert result.returncode == 1 and f"-o {folder}: is a folder" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.module."])
+def test_weights_saved_through_a_wrapper_load_with_the_prefix_taken_off(tmp_path, prefix):
+    import segmentation_models_pytorch as smp
+
+    model = "smp:FPN?encoder_name=resnet18&classes=3"
+    plain = smp.FPN("resnet18", encoder_weights=None, classes=3)
+    torch.save({prefix + k: v for k, v in plain.state_dict().items()}, tmp_path / "w.pt")
+    assert main(["inspect", "--model", model, "--weights", str(tmp_path / "w.pt"), "--synthetic", "2", "--size",
+                 "64", "--quiet"]) == 0
+    torch.save({"other." + k: v for k, v in plain.state_dict().items()}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"its keys are not FPN's .* all under 'other\.'"):
+        load_weighted(build_parser().parse_args(["inspect", "--model", model, "--weights", str(tmp_path / "bad.pt")]))

@@ -319,3 +319,24 @@ def test_a_3d_fold_whose_deep_levels_the_export_pins_runs_at_another_size(tmp_pa
     eq = se.equalize(model, (x,), [torch.randn(2, 1, 16, 16, 16) * 2 + 0.3 for _ in range(3)], progress=False)
     report = se.export_onnx(eq, (x,), tmp_path / "deep.onnx")  # its checks run (3, 1, 48, 48, 48) in onnxruntime
     assert any("fixes its input's size" in f.form for f in report.folds), report.folds
+
+
+@pytest.mark.slow
+def test_onnx_outputs_are_named_as_the_model_returns_them(tmp_path):
+    from decoders import RootOwner
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = RootOwner()
+
+        def forward(self, x):
+            y = self.body(x)
+            return {"out": y, "aux": y * 2}
+
+    x = torch.randn(2, 3, 32, 32)
+    for model, names, given in [(RootOwner(), ["output"], None), (Dict(), ["out", "aux"], None),
+                                (RootOwner(), ["mask"], ["mask"])]:
+        eq = se.equalize(model.eval(), (x,), [x, torch.randn(2, 3, 32, 32)], progress=False)
+        se.export_onnx(eq, (x,), tmp_path / "m.onnx", output_names=given)
+        assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == names
