@@ -171,7 +171,9 @@ def _inspect(args: argparse.Namespace) -> int:
               "cross-entropy of one class is constant. Pass classes=N in the model SPEC.")
     if args.plot:
         before = reports[0][1] if len(reports) == 2 else None
-        print(f"\nplot: {reports[-1][1].plot(args.plot, before=before)}")
+        note = ", ".join(what for what, random in (("random weights", not args.weights),
+                                                    ("generated data", not args.data)) if random)
+        print(f"\nplot: {reports[-1][1].plot(args.plot, before=before, note=note or None)}")
     return 0
 
 

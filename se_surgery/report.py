@@ -7,6 +7,8 @@ import copy
 import csv
 import io
 import os
+import statistics
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, fields
@@ -22,7 +24,7 @@ from .balance import WIDER
 from .calibrate import RunningMoments, choose_norm, input_batches, run_batch
 from .dispatch import check_attached, replaced_owners
 from .equalize import equalize
-from .errors import CalibrationError
+from .errors import CalibrationError, UsageError
 from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .install import equalizers
@@ -198,11 +200,13 @@ class ScaleReport:
             atomic_write(path, lambda tmp: Path(tmp).write_text(text))
         return text
 
-    def plot(self, path: str | os.PathLike, before: ScaleReport | None = None) -> Path:
+    def plot(self, path: str | os.PathLike, before: ScaleReport | None = None, note: str | None = None) -> Path:
         """The branches of each fusion side by side, grouped by fusion: the std each arrives at, and its fusion
         weight slice's gradient RMS relative to the largest of that fusion (what equalizing balances), with the
         spread (max/min) written per fusion; with ``before`` (a report of the original model), before/after
-        pairs. Written atomically (any matplotlib format)."""
+        pairs. The title says what the measurements show (whether the upsampled branches arrive smaller or larger,
+        and the spreads before and after); ``note`` is a caption under it, e.g. what the weights and data were.
+        Written atomically (any matplotlib format)."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -253,14 +257,67 @@ class ScaleReport:
         for ax in (top, bottom):
             ax.grid(axis="y", alpha=0.3)
         top.legend(loc="upper right", fontsize=8)
-        fig.suptitle(f"{self.model}: the branches each fusion receives. Upsampled branches arrive smaller; "
-                     f"equalized, every branch has std 1 and the gradient spread shrinks.", fontsize=9)
+        width = fig.get_size_inches()[0]
+        title = _title(self.model, before or self, self if before is not None else None)
+        if note:
+            title += f"\n({note})"
+        fig.suptitle("\n".join(textwrap.fill(line, int(width * 14)) for line in title.split("\n")), fontsize=9)
         fig.tight_layout()
         suffix = Path(path).suffix.lstrip(".") or "png"
         try:
             return atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
         finally:
             plt.close(fig)
+
+
+def _class_dim(logits: torch.Tensor, target: torch.Tensor | None, given: int | None) -> int:
+    """Which dimension of the logits holds the classes (see :func:`scale_report`'s ``class_dim``)."""
+    if given is not None:
+        return given % logits.dim()
+    if target is not None:
+        fits = [d for d in range(1, logits.dim()) if logits.shape[:d] + logits.shape[d + 1:] == target.shape]
+        if len(fits) == 1:
+            return fits[0]
+        if fits:
+            raise UsageError(f"scale_report: logits of shape {tuple(logits.shape)} fit targets of shape "
+                             f"{tuple(target.shape)} with the classes in dimension {fits[0]} or {fits[1]}: pass "
+                             f"class_dim.")
+    if logits.dim() >= 3 and logits.shape[1] > logits.shape[-1]:
+        raise UsageError(f"scale_report: the main output has shape {tuple(logits.shape)}; its dimension 1 is larger "
+                         f"than its last, as in a channel-last output (N, H, W, C), so the gradient column would "
+                         f"treat image rows as classes. Pass class_dim (e.g. class_dim=-1).")
+    return 1  # (N, C, ...), also at another resolution than the targets (resized to them below)
+
+
+def _title(model: str, first: ScaleReport, after: ScaleReport | None) -> str:
+    """What the reports show, in a sentence or two: whether the upsampled branches arrive smaller or larger than
+    the others (in ``first``), and the median spreads over the fusions before and after equalizing."""
+    def spreads(report: ScaleReport, field: str) -> list[float]:
+        found = []
+        for fusion in dict.fromkeys(r.fusion for r in report.rows):
+            values = [getattr(r, field) for r in report.rows if r.fusion == fusion and getattr(r, field)]
+            if len(values) > 1:
+                found.append(max(values) / min(values))
+        return found
+
+    smaller = larger = 0
+    for fusion in dict.fromkeys(r.fusion for r in first.rows):
+        rows = [r for r in first.rows if r.fusion == fusion]
+        ups, others = [r.std for r in rows if r.factor], [r.std for r in rows if not r.factor]
+        if ups and others:
+            smaller += sum(ups) / len(ups) < sum(others) / len(others)
+            larger += sum(ups) / len(ups) > sum(others) / len(others)
+    text = f"{model}: the branches each fusion receives."
+    if smaller or larger:
+        text += (f" Upsampled branches arrive smaller than the others in {smaller}, larger in {larger} of "
+                 f"{smaller + larger} fusion(s)" + (" (before equalizing)." if after is not None else "."))
+    if after is not None:
+        for field, what in (("std", "std"), ("grad_rms", "gradient")):
+            a, b = spreads(first, field), spreads(after, field)
+            if a and b:
+                text += (f" Median {what} spread {statistics.median(a):.2g}x before, {statistics.median(b):.2g}x "
+                         f"after equalizing.")
+    return text
 
 
 def _what(row: BranchScale) -> str:
@@ -277,7 +334,7 @@ def _csv_cell(value: Any) -> Any:
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
                  progress: bool = True, input_fn: Callable[[Any], Any] | None = None,
-                 norm: str | None = None) -> ScaleReport:
+                 norm: str | None = None, class_dim: int | None = None) -> ScaleReport:
     """Measure every branch of every fusion that takes an upsampled input, on ``data``.
 
     Works on an original model (the problem) and on an equalized one (the fix); the model itself is not changed.
@@ -294,6 +351,9 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         norm: how BatchNorm-like layers normalise: ``"batch"`` (as training sees them), ``"running"`` (as eval
             mode does) or ``"auto"`` (as ``model.training`` says); ``None``: the mode an equalized model was
             calibrated with, else ``"auto"``. As in :func:`se_surgery.calibrate`.
+        class_dim: the dimension of the main logits that holds the classes. ``None``: with ``targets``, the one
+            dimension whose removal leaves the targets' shape; without, dimension 1 (``(N, C, H, W)``), refused
+            where dimension 1 is larger than the last one (a channel-last output such as ``(N, H, W, C)``: name it).
 
     Returns:
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
@@ -335,7 +395,9 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
             logits = main_logits(run_batch(probe, args, kwargs, norm))
             if weights:
                 target = next(labels, None)
-                target = logits.argmax(1) if target is None else target.to(device).long()
+                target = None if target is None else target.to(device).long()
+                logits = logits.movedim(_class_dim(logits, target, class_dim), 1)
+                target = logits.argmax(1) if target is None else target
                 if logits.shape[-2:] != target.shape[-2:]:
                     logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
                 F.cross_entropy(logits, target, ignore_index=255).backward()

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from zoo import SITES, batches, build, call, inputs
 
 import se_surgery as se
@@ -103,3 +104,45 @@ def test_a_model_without_sites_gives_an_empty_report():
     name = "smp_Unet"
     report = se.scale_report(build(name), _example(name), batches(name, 1), progress=False)
     assert report.rows == [] and "no fusion takes a bilinearly upsampled branch" in str(report)
+
+
+def test_a_channel_last_output_needs_its_class_dimension_named():
+    from decoders import RootOwner
+
+    class ChannelLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = RootOwner()
+
+        def forward(self, x):
+            return self.body(x).permute(0, 2, 3, 1)  # (N, H, W, 2), as a text detector's score maps
+
+    x = torch.randn(2, 3, 32, 32)
+    data = [x, torch.randn(2, 3, 32, 32)]
+    model = ChannelLast().eval()
+    with pytest.raises(se.UsageError, match=r"channel-last output \(N, H, W, C\).*class_dim"):
+        se.scale_report(model, (x,), data, progress=False)
+    named = se.scale_report(model, (x,), data, progress=False, class_dim=-1)
+    labels = [torch.randint(0, 2, (2, 32, 32)) for _ in data]
+    found = se.scale_report(model, (x,), data, progress=False, targets=labels)  # the targets tell
+    reference = se.scale_report(model.body, (x,), data, progress=False, targets=labels)  # (N, 2, H, W) itself
+    assert [r.grad_rms for r in found.rows] == pytest.approx([r.grad_rms for r in reference.rows])
+    assert all(r.grad_rms for r in named.rows)
+
+
+def test_the_plot_title_says_what_the_data_shows(tmp_path, monkeypatch):
+    from decoders import Small
+
+    import se_surgery.report as report
+
+    x = torch.randn(2, 3, 32, 32)
+    data = [x, torch.randn(2, 3, 32, 32)]
+    model = Small().eval()
+    eq = se.equalize(model, (x,), data, progress=False)
+    before, after = se.scale_report(model, (x,), data, progress=False), se.scale_report(eq, (x,), data, progress=False)
+    title = report._title("Small", before, after)
+    assert "Upsampled branches arrive smaller than the others in" in title and "Median std spread" in title
+    titles = []
+    monkeypatch.setattr("matplotlib.figure.Figure.suptitle", lambda self, t, **k: titles.append(t))
+    after.plot(tmp_path / "s.png", before=before, note="random weights, generated data")
+    assert "(random weights, generated data)" in titles[0]
