@@ -75,7 +75,7 @@ def predicted_ratio(mode: str, size: int, factor: int, align_corners: bool) -> f
 
 
 def interior_ratio(mode: str, factor: int) -> float:
-    """``align_corners=False`` away from the borders (METHOD.md's table for bilinear)."""
+    """``align_corners=False`` away from the borders (docs/method.md's table for bilinear)."""
     ts = [((k + 0.5) / factor - 0.5) % 1.0 for k in range(factor)]
     if mode == "bicubic":
         axis = sum(sum(w * w for w in _cubic(t)) for t in ts) / factor

@@ -4,8 +4,8 @@ If a conv consumer's input channels ``c`` change as ``x_old = a * x_new + b``, t
 the consumer computes ``W x_old - sum(W[:, c] * b)`` (summed over the kernel), so the shift is absorbed by adding
 that sum to its bias, or by subtracting it from the running mean of a BatchNorm right after it. This is exact where
 the consumer sees no zero padding; at a zero-padded border the padded zeros would have needed the shift too
-(METHOD.md section 4). It is exact only where the consumer is a plain conv of its ``weight`` that serves this branch
-alone: a conv called on other branches too, a grouped conv, a wrapper (peft LoRA), a parametrization
+(docs/method.md, section 4). It is exact only where the consumer is a plain conv of its ``weight`` that serves
+this branch alone: a conv called on other branches too, a grouped conv, a wrapper (peft LoRA), a parametrization
 (``weight_norm``, ``spectral_norm``) or hooks would compute something else with the changed weight.
 
 The same step serves both directions: ``preserve_function`` (the consumer absorbs ``x = sigma * e + mu`` so the

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
@@ -320,12 +321,14 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     return model
 
 
-def choose_norm(model: nn.Module, norm: str) -> str:
-    """``norm`` resolved to "batch" or "running". Running statistics that are still their initial values describe
-    no data: with ``"auto"`` that switches to "batch" with a warning naming the layers, an explicit ``"running"``
-    is an error."""
-    chosen = resolve_norm(model, norm)
-    fresh = untrained_norms(model) if chosen == "running" else []
+def choose_norm(model: nn.Module, norm: str, data: Iterable, input_fn: InputFn | None = None,
+                training: bool | None = None) -> str:
+    """``norm`` resolved to "batch" or "running" (``"auto"``: as ``training``, else ``model.training``, says).
+    Running statistics that are still their initial values describe no data: where the forward runs such layers,
+    ``"auto"`` switches to "batch" with a warning naming them, an explicit ``"running"`` is an error."""
+    chosen = resolve_norm(model, norm, training)
+    fresh = untrained_norms(model, ran_norms(model, data, input_fn)) if chosen == "running" and untrained_norms(
+        model) else []
     if not fresh:
         return chosen
     shown = f"{', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''} ({len(fresh)} layer(s))"
@@ -341,6 +344,22 @@ def choose_norm(model: nn.Module, norm: str) -> str:
     return "batch"
 
 
+def ran_norms(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> set[int]:
+    """Ids of the norm layers with running statistics that a forward on the first batch of ``data`` runs (the
+    equalizers pass their input through meanwhile)."""
+    ran: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _a: ran.add(id(m))) for _, m in running_norms(model)]
+    try:
+        with norm_mode(model, "running"), torch.no_grad(), bypassed():
+            for _index, args, kwargs in input_batches(model, data, max_batches=1, progress=False, desc="probing",
+                                                    input_fn=input_fn):
+                model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran
+
+
 # How many batches the check in the other norm mode reads (it warns, it measures nothing that is kept).
 CHECK_BATCHES = 4
 # An equalizer whose output std, in the other norm mode, is outside this range of its target gets a warning.
@@ -353,10 +372,10 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
     """Calibrate ``eqs`` level by level, one pass over ``data`` per level, with the norm layers as ``norm`` says;
     record the scale and the norm mode on the model; check the outputs in the other norm mode."""
     check_scale(scale, eqs)
-    norm = choose_norm(model, norm)
-    levels = sorted({eq.site.level for eq in eqs})
     if isinstance(data, Iterator):
         data = _Replay(data)
+    norm = choose_norm(model, norm, data, input_fn)
+    levels = sorted({eq.site.level for eq in eqs})
     targets: dict[str, torch.Tensor] = {}
     for level in levels:
         at_level = [eq for eq in eqs if eq.site.level == level]
@@ -378,7 +397,8 @@ def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict
     for training: its eval mode has no scales yet), where the model has no norm layer with running statistics
     (both modes are one), and where batch statistics cannot be taken (batches of one)."""
     other = "running" if norm == "batch" else "batch"
-    if not running_norms(model) or other == "running" and untrained_norms(model):
+    if not running_norms(model) or other == "running" and untrained_norms(model) and untrained_norms(
+            model, ran_norms(model, data, input_fn)):
         return
     found = {eq.name: RunningMoments(tuple(d for d in range(len(eq.site.shape)) if d != 1) if eq.per_channel
                                      else None) for eq in eqs}

@@ -27,19 +27,22 @@ def running_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, _RUNNING) and m.track_running_stats and m.running_mean is not None]
 
 
-def untrained_norms(model: nn.Module) -> list[str]:
+def untrained_norms(model: nn.Module, running: set[int] | None = None) -> list[str]:
     """Names of the norm layers whose running statistics are still their initial values (mean 0, variance 1, no
-    batch tracked): in eval mode they do not normalise at all."""
+    batch tracked): in eval mode they do not normalise at all. ``running``: ids of the layers the forward runs
+    (layers it never runs, such as an encoder's unused last stage, do not count); None: all."""
     return [name or type(m).__name__ for name, m in running_norms(model)
-            if (m.num_batches_tracked is None or int(m.num_batches_tracked) == 0)
+            if (running is None or id(m) in running)
+            and (m.num_batches_tracked is None or int(m.num_batches_tracked) == 0)
             and not bool(m.running_mean.any()) and bool((m.running_var == 1).all())]
 
 
-def resolve_norm(model: nn.Module, norm: str) -> str:
-    """``norm`` as "batch" or "running" ("auto" follows ``model.training``)."""
+def resolve_norm(model: nn.Module, norm: str, training: bool | None = None) -> str:
+    """``norm`` as "batch" or "running" ("auto" follows ``model.training``, or ``training`` where given)."""
     if norm not in NORMS:
         raise UsageError(f"norm={norm!r}: use one of {NORMS}.")
-    return ("batch" if model.training else "running") if norm == "auto" else norm
+    training = model.training if training is None else training
+    return ("batch" if training else "running") if norm == "auto" else norm
 
 
 @contextlib.contextmanager

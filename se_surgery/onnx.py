@@ -1,7 +1,7 @@
 """ONNX: export an equalized model with its equalizers folded away, and fold equalizers in any ONNX graph.
 
 An equalizer appears in ONNX as ``Resize -> Sub/Add(c) -> Div/Mul(k)`` (in either order, scalar or per-channel
-constants). Each one is folded by the cheapest exact form (METHOD.md section 4):
+constants). Each one is folded by the cheapest exact form (docs/method.md, section 4):
 
 1. its branch meets an unpadded ``Conv`` (directly or through a ``Concat`` on channels): scale and shift go into
    that Conv's weights and bias: no node left;

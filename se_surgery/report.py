@@ -361,7 +361,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     """
     check_attached(model)
     reg = registry(model)
-    norm = choose_norm(model, norm if norm is not None else reg is not None and reg.norm or "auto")
+    requested = norm if norm is not None else reg is not None and reg.norm or "auto"
     probe = copy.deepcopy(model).eval()  # (equalize captures it in eval mode; measured below in the norm mode)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     with warnings.catch_warnings():
@@ -373,6 +373,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     for eq in eqs:
         if eq.site.name not in own:  # measuring points: identity
             eq.set_statistics(torch.zeros_like(eq.mean), torch.ones_like(eq.std))
+    norm = choose_norm(probe, requested, data, input_fn, training=model.training)
     moments = {eq.site.name: RunningMoments() for eq in eqs}
 
     def watch(eq, _inputs, out):

@@ -21,7 +21,7 @@ uv = _load("upsampling_variance")
 
 
 def test_prediction_matches_the_published_and_interior_values():
-    # METHOD.md: as published (128x128, align_corners=False) 0.394 / 0.434 / 0.444; interior 0.391 / 0.431 / 0.441.
+    # docs/method.md: as published (128x128, align_corners=False) 0.394 / 0.434 / 0.444; interior 0.391 / 0.431 / 0.441.
     assert [round(uv.predicted_ratio("bilinear", 128, f, False), 3) for f in uv.FACTORS] == [0.394, 0.434, 0.444]
     assert [round(uv.interior_ratio("bilinear", f), 3) for f in uv.FACTORS] == [0.391, 0.431, 0.441]
     assert uv.predicted_ratio("bilinear", 4096, 8, False) == pytest.approx(uv.interior_ratio("bilinear", 8),
