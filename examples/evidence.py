@@ -551,12 +551,46 @@ def report(args) -> None:
     if rows:
         plot(rows, args.out / "evidence.png")
     print(text, summary, sep="\n\n")
-    readme = ROOT / "README.md"
-    section = f"<!-- evidence:begin (examples/evidence.py --report writes this) -->\n{text}\n\n{summary}\n"
-    old = readme.read_text()
-    new = re.sub(r"<!-- evidence:begin.*?-->\n.*?(?=<!-- evidence:end -->)", lambda _: section, old, flags=re.S)
-    if new != old and args.out.resolve() == (ROOT / "docs" / "evidence").resolve():
-        readme.write_text(new)
+    if args.out.resolve() != (ROOT / "docs" / "evidence").resolve():
+        return
+    _between(ROOT / "docs" / "evidence" / "README.md", "evidence", f"{text}\n\n{summary}\n")
+    _between(ROOT / "README.md", "evidence-headline", headline(rows) + "\n")
+
+
+def _between(path: Path, marker: str, section: str) -> None:
+    """Replace what stands between ``<!-- MARKER:begin ... -->`` and ``<!-- MARKER:end -->`` in ``path``."""
+    old = path.read_text()
+    new = re.sub(rf"(<!-- {marker}:begin.*?-->\n).*?(?=<!-- {marker}:end -->)", lambda m: m.group(1) + section, old,
+                 flags=re.S)
+    if new != old:
+        path.write_text(new)
+
+
+def headline(rows: list[dict]) -> str:
+    """The README's short table: per arm, its paired difference on each configuration of the pretrained regime,
+    and how many random-init configurations have its interval above, across or below 0."""
+    pretrained = sorted({key(r) for r in rows if key(r)[3] == "pretrained"})
+    random_init = sorted({key(r) for r in rows if key(r)[3] == "cpu"})
+    columns = [f"{c[0]} {c[2]}" for c in pretrained] + ["random init: above / across / below 0"]
+    lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for arm in SWEEP_ARMS[1:]:
+        cells = []
+        for config in pretrained:
+            diffs, _ = paired(rows, config, arm)
+            if len(diffs) < 2:
+                cells.append("-")
+                continue
+            mean, half = interval(diffs)
+            cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] ({len(diffs)})")
+        signs = [0, 0, 0]
+        for config in random_init:
+            diffs, _ = paired(rows, config, arm)
+            if len(diffs) >= 2:
+                mean, half = interval(diffs)
+                signs[0 if mean - half > 0 else 2 if mean + half < 0 else 1] += 1
+        cells.append(" / ".join(map(str, signs)) if sum(signs) else "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 PRESETS = {  # what --preset sets (options given on the command line win)

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    parents=[common])
 
     demo = command("demo", "equalize a random-weight smp UPerNet on generated data, print the sites and the "
-                           "branch scales before/after (no downloads, ~10 s on 2 cores)")
+                           "branch scales before/after (no downloads)")
     demo.add_argument("--size", type=int, default=128, help="image size (a multiple of 32; default 128)")
     demo.add_argument("--batches", type=int, default=4, help="calibration batches of 2 images (default 4)")
     demo.set_defaults(run=_demo)
