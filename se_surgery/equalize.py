@@ -52,9 +52,8 @@ def equalize(
         per_channel: one mean/std per channel instead of the paper's single scalar pair.
         branches: ``"upsampled"`` (the paper's placement) or ``"all"`` (every input of those fusions).
         scale: ``"unit"`` (the paper's: mean 0, std 1) or ``"restore"`` (each upsampled branch gets back the std
-            its map had before the resize; see :func:`se_surgery.calibrate`). In the README's evidence sweep
-            (training from scratch), ``"restore"`` is at the baseline on PSPNet (+0.003 +- 0.005 mIoU at 50 seeds)
-            and loses less than the unit scale on UPerNet: use it to train with equalizers from the start.
+            its map had before the resize; see :func:`se_surgery.calibrate`). docs/evidence/README.md has what
+            each measured in training.
         norm: how BatchNorm-like layers normalise while calibrating: ``"batch"`` (each batch's statistics, as
             training sees them), ``"running"`` (their running statistics, as eval mode does) or ``"auto"`` (as
             ``model.training`` says: a model built for training is in training mode, one made ready for
