@@ -340,3 +340,16 @@ def test_onnx_outputs_are_named_as_the_model_returns_them(tmp_path):
         eq = se.equalize(model.eval(), (x,), [x, torch.randn(2, 3, 32, 32)], progress=False)
         se.export_onnx(eq, (x,), tmp_path / "m.onnx", output_names=given)
         assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == names
+
+
+@pytest.mark.slow
+def test_export_says_when_the_model_itself_gives_nan(tmp_path):
+    from decoders import RootOwner
+
+    x = torch.randn(2, 3, 32, 32)
+    eq = se.equalize(RootOwner().eval(), (x,), [x, torch.randn(2, 3, 32, 32)], progress=False)
+    with torch.no_grad():
+        eq.fuse.bias[0] = float("nan")  # as an equalizer fed by untrained running statistics makes it
+    with pytest.raises(se.OnnxError, match="itself gives NaN or Inf on example_inputs .* in eval mode"):
+        se.export_onnx(eq, (x,), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
