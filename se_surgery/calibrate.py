@@ -325,7 +325,8 @@ def choose_norm(model: nn.Module, norm: str, data: Iterable, input_fn: InputFn |
                 training: bool | None = None) -> str:
     """``norm`` resolved to "batch" or "running" (``"auto"``: as ``training``, else ``model.training``, says).
     Running statistics that are still their initial values describe no data: where the forward runs such layers,
-    ``"auto"`` switches to "batch" with a warning naming them, an explicit ``"running"`` is an error."""
+    ``"auto"`` switches to "batch" with a warning naming them; an explicit ``"running"`` is kept, with a warning
+    that says what it measures."""
     chosen = resolve_norm(model, norm, training)
     fresh = untrained_norms(model, ran_norms(model, data, input_fn)) if chosen == "running" and untrained_norms(
         model) else []
@@ -333,11 +334,12 @@ def choose_norm(model: nn.Module, norm: str, data: Iterable, input_fn: InputFn |
         return chosen
     shown = f"{', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''} ({len(fresh)} layer(s))"
     if norm == "running":
-        raise CalibrationError(
-            f"norm='running' measures with the norm layers' running statistics, but {shown} still hold their "
-            f"initial values (mean 0, variance 1, no batch seen): in eval mode they do not normalise, so the "
-            f"statistics would not be those of training or of a trained model. Pass norm='batch' (as training "
-            f"sees them), or update the running statistics first (training-mode forwards).")
+        warn(f"se_surgery: norm='running' measures with the norm layers' running statistics, but {shown} still "
+             f"hold their initial values (mean 0, variance 1, no batch seen): in eval mode they do not normalise, so "
+             f"the statistics are neither those of training nor of a trained model, and training-mode runs will meet "
+             f"other scales. Pass norm='batch' (as training sees them), or update the running statistics first "
+             f"(training-mode forwards).")
+        return chosen
     warn(f"se_surgery: {type(model).__name__} is in eval mode, but {shown} hold their initial running statistics, "
          f"which describe no data; measuring with batch statistics instead (norm='batch', as training sees them). "
          f"Pass norm='batch' to say so, or train or update the norm layers before calibrating in eval mode.")
@@ -373,7 +375,7 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
     record the scale and the norm mode on the model; check the outputs in the other norm mode."""
     check_scale(scale, eqs)
     if isinstance(data, Iterator):
-        data = _Replay(data)
+        data = Replay(data)
     norm = choose_norm(model, norm, data, input_fn)
     levels = sorted({eq.site.level for eq in eqs})
     targets: dict[str, torch.Tensor] = {}
@@ -437,7 +439,7 @@ _NORM_TEXT = {"batch": "with batch statistics (as training sees them)",
               "running": "with the norm layers' running statistics (as eval mode sees them)"}
 
 
-class _Replay:
+class Replay:
     """A one-shot iterator read once, lazily; the batches read are kept and replayed by later passes."""
 
     def __init__(self, source: Iterator) -> None:

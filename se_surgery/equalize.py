@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .balance import record, spreads, warn_wider
-from .calibrate import InputFn, check_data, check_scale, run_levels
+from .calibrate import InputFn, Replay, check_data, check_scale, run_levels
 from .capture import capture
 from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
@@ -126,6 +126,8 @@ def equalize(
     if calibration_data is None:
         return target
     check_data(calibration_data)
+    if isinstance(calibration_data, Iterator):  # read once: the levels and the spreads below replay what was read
+        calibration_data = Replay(calibration_data)
     reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
     run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
                scale=scale, norm=norm,

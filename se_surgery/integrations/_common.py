@@ -9,7 +9,7 @@ from torch import nn
 
 from ..calibrate import calibrate
 from ..equalize import equalize
-from ..runtime import equalizers
+from ..install import equalizers
 
 
 def equalize_in_place(model: nn.Module, example_inputs: Any, **options) -> None:
