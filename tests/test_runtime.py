@@ -374,3 +374,46 @@ def test_an_upsampled_feature_times_a_gate_is_a_site_an_upsampled_gate_is_not():
     assert len(seen) == 2
     with pytest.warns(UserWarning, match="no interpolating upsampling feeds a fusion"):
         assert se.equalizers(se.equalize(Gate(), (data[0],), progress=False)) == []
+
+
+class Threaded(NotSelf):
+    """The site's resize made on a worker thread inside the forward, once ``threaded`` is set (torch.export cannot
+    capture a thread: the model is equalized without it)."""
+
+    threaded = False
+
+    def forward(self, x):
+        from concurrent.futures import ThreadPoolExecutor
+
+        a = self.a(x)
+        if not self.threaded:
+            return self.fuse(torch.cat([F.interpolate(a, scale_factor=2, mode="bilinear"), x], 1))
+        with ThreadPoolExecutor(1) as pool:
+            up = pool.submit(lambda: F.interpolate(a, scale_factor=2, mode="bilinear")).result()
+        return self.fuse(torch.cat([up, x], 1))
+
+
+def test_a_site_call_on_a_worker_thread_is_named_as_a_cause():
+    data = _data()
+    eq = se.equalize(Threaded().eval(), (data[0],), data, progress=False)
+    eq.threaded = True
+    with pytest.raises(se.SiteMismatchError, match="was not met .* another thread"):
+        eq(data[0])
+
+
+class DirectForward(nn.Module):
+    """A submodule's forward called directly (``self.block.forward(x)``), which skips its hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = NotSelf()
+
+    def forward(self, x):
+        return self.block.forward(x)
+
+
+def test_a_submodules_forward_called_directly_is_left_out_with_the_cause_and_the_fix():
+    data = _data()
+    with pytest.warns(UserWarning, match=r"NotSelf\.forward.*\.forward\(\.\.\.\) is called directly.*module\(x\)"):
+        eq = se.equalize(DirectForward().eval(), (data[0],), data, progress=False)
+    assert se.equalizers(eq) == []
