@@ -107,21 +107,27 @@ def _clutter(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
                                   mode="bilinear") * 0.5
 
 
+def _shapes(size: int, gen: torch.Generator):
+    """2-4 squares and discs, small or large, for one scene: ``(inside, label)`` per shape (label 1-4)."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
+        large, disc = (bool(torch.randint(0, 2, (1,), generator=gen)) for _ in range(2))
+        radius = size * (0.16 + 0.06 * float(torch.rand(1, generator=gen)) if large
+                         else 0.05 + 0.02 * float(torch.rand(1, generator=gen)))
+        cy, cx = (torch.rand(2, generator=gen) * size).tolist()
+        inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2) if disc else \
+            (((yy - cy).abs() < radius * 0.886) & ((xx - cx).abs() < radius * 0.886))
+        yield inside, 1 + 2 * int(disc) + int(large)
+
+
 def shapes(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Textured squares and discs, small or large: 5 classes (background + shape x size)."""
     gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
     images, masks = _clutter(n, size, gen), torch.zeros(n, size, size, dtype=torch.long)
     for i in range(n):
-        for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
-            large, disc = (bool(torch.randint(0, 2, (1,), generator=gen)) for _ in range(2))
-            radius = size * (0.16 + 0.06 * float(torch.rand(1, generator=gen)) if large
-                             else 0.05 + 0.02 * float(torch.rand(1, generator=gen)))
-            cy, cx = (torch.rand(2, generator=gen) * size).tolist()
-            inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2) if disc else \
-                (((yy - cy).abs() < radius * 0.886) & ((xx - cx).abs() < radius * 0.886))
-            masks[i][inside] = 1 + 2 * int(disc) + int(large)
+        for inside, label in _shapes(size, gen):
+            masks[i][inside] = label
             images[i, :, inside] += 1.0
     return images, masks
 
@@ -206,20 +212,12 @@ def photoshapes(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor,
     """The shapes of :func:`shapes` (squares and discs, small or large: 5 classes), each cut from one photo and laid
     on another photo (train and test scenes from disjoint photo rows)."""
     pool, gen = photos(split), torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
     images, masks = torch.zeros(n, 3, size, size), torch.zeros(n, size, size, dtype=torch.long)
     for i in range(n):
         images[i] = _crop(pool[int(torch.randint(0, len(pool), (1,), generator=gen))], size, gen)
-        for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
-            large, disc = (bool(torch.randint(0, 2, (1,), generator=gen)) for _ in range(2))
-            radius = size * (0.16 + 0.06 * float(torch.rand(1, generator=gen)) if large
-                             else 0.05 + 0.02 * float(torch.rand(1, generator=gen)))
-            cy, cx = (torch.rand(2, generator=gen) * size).tolist()
-            inside = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2) if disc else \
-                (((yy - cy).abs() < radius * 0.886) & ((xx - cx).abs() < radius * 0.886))
+        for inside, label in _shapes(size, gen):
             texture = _crop(pool[int(torch.randint(0, len(pool), (1,), generator=gen))], size, gen)
-            masks[i][inside] = 1 + 2 * int(disc) + int(large)
+            masks[i][inside] = label
             images[i][:, inside] = texture[:, inside]
     return _imagenet(images), masks
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import InputFn, RunningMoments, input_batches, run_batch
+from .calibrate import InputFn, RunningMoments, watch_pass
 from .errors import warn
 from .find import find_sites
 from .install import attach, equalizers
-from .modes import copy_model, norm_mode
+from .modes import copy_model
 from .state import registry
 
 # How many calibration batches the measurement reads.
@@ -62,16 +62,8 @@ def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Itera
         before.update(inputs[0])
         after.update(out)
 
-    hooks = [eq.register_forward_hook(watch) for eq in equalizers(probe)]
-    limit = PREMISE_BATCHES if max_batches is None else min(PREMISE_BATCHES, max_batches)
-    try:
-        with norm_mode(probe, norm), torch.no_grad():
-            for _index, args, kwargs in input_batches(probe, data, max_batches=limit, progress=False,
-                                                    desc="measuring the fusions", input_fn=input_fn):
-                run_batch(probe, args, kwargs, norm)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    watch_pass(probe, equalizers(probe), watch, data, norm,
+               PREMISE_BATCHES if max_batches is None else min(PREMISE_BATCHES, max_batches), input_fn)
     for pair in seen.values():  # under torch.distributed: every rank's data, so all ranks record the same
         for moments in pair:
             moments.all_reduce()

@@ -391,6 +391,21 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
     _check_other_mode(model, eqs, targets, data, norm, max_batches, input_fn)
 
 
+def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data: Iterable, norm: str,
+               max_batches: int, input_fn: InputFn | None) -> None:
+    """One pass over at most ``max_batches`` of ``data`` with ``hook`` as a forward hook on every one of ``eqs``
+    (they act after their resize meanwhile), the norm layers as ``norm`` says, under ``torch.no_grad()``."""
+    hooks = [eq.register_forward_hook(hook) for eq in eqs]
+    try:
+        with norm_mode(model, norm), torch.no_grad():
+            for _index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
+                                                    desc="measuring", input_fn=input_fn):
+                run_batch(model, args, kwargs, norm)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict[str, torch.Tensor],
                       data: Iterable, norm: str, max_batches: int | None, input_fn: InputFn | None) -> None:
     """Warn where an equalizer's output, in the norm mode it was not calibrated in, is far from its target.
@@ -404,18 +419,11 @@ def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict
         return
     found = {eq.name: RunningMoments(tuple(d for d in range(len(eq.site.shape)) if d != 1) if eq.per_channel
                                      else None) for eq in eqs}
-    hooks = [eq.register_forward_hook(lambda e, _i, out: found[e.name].update(out)) for eq in eqs]
-    limit = CHECK_BATCHES if max_batches is None else min(CHECK_BATCHES, max_batches)
     try:
-        with norm_mode(model, other), torch.no_grad():
-            for _index, args, kwargs in input_batches(model, data, max_batches=limit, progress=False,
-                                                    desc="checking", input_fn=input_fn):
-                run_batch(model, args, kwargs, other)
+        watch_pass(model, eqs, lambda e, _i, out: found[e.name].update(out), data, other,
+                   CHECK_BATCHES if max_batches is None else min(CHECK_BATCHES, max_batches), input_fn)
     except CalibrationError:
         return  # batches of one: no batch statistics to check against
-    finally:
-        for hook in hooks:
-            hook.remove()
     off = []
     for eq in eqs:
         moments = found[eq.name]
