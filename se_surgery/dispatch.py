@@ -281,9 +281,9 @@ def _check_clean() -> None:
     if _local.entered or any(isinstance(mode, _OwnerMode) for mode in left):
         _local.entered.clear()
         _pop_owner_modes()
-        raise RuntimeError("se_surgery: a forward left owner calls unfinished on this thread (a hook that returned "
-                           "without its pair, or a module called across threads); the state was reset. Please "
-                           "report this with the model.")
+        raise SiteMismatchError(
+            "se_surgery: a forward left owner calls unfinished on this thread (a hook that returned without its "
+            "pair, or a module called across threads); the state was reset. Please report this with the model.")
 
 
 def _moved(model: nn.Module, forward: _Forward) -> bool:
