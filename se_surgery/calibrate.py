@@ -328,8 +328,7 @@ def choose_norm(model: nn.Module, norm: str, data: Iterable, input_fn: InputFn |
     ``"auto"`` switches to "batch" with a warning naming them; an explicit ``"running"`` is kept, with a warning
     that says what it measures."""
     chosen = resolve_norm(model, norm, training)
-    fresh = untrained_norms(model, ran_norms(model, data, input_fn)) if chosen == "running" and untrained_norms(
-        model) else []
+    fresh = _untrained_run(model, data, input_fn) if chosen == "running" else []
     if not fresh:
         return chosen
     shown = f"{', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''} ({len(fresh)} layer(s))"
@@ -344,6 +343,12 @@ def choose_norm(model: nn.Module, norm: str, data: Iterable, input_fn: InputFn |
          f"which describe no data; measuring with batch statistics instead (norm='batch', as training sees them). "
          f"Pass norm='batch' to say so, or train or update the norm layers before calibrating in eval mode.")
     return "batch"
+
+
+def _untrained_run(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> list[str]:
+    """The norm layers with initial running statistics that the forward runs (one probing forward, only where
+    there are any such layers at all)."""
+    return untrained_norms(model, ran_norms(model, data, input_fn)) if untrained_norms(model) else []
 
 
 def ran_norms(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> set[int]:
@@ -414,8 +419,7 @@ def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict
     for training: its eval mode has no scales yet), where the model has no norm layer with running statistics
     (both modes are one), and where batch statistics cannot be taken (batches of one)."""
     other = "running" if norm == "batch" else "batch"
-    if not running_norms(model) or other == "running" and untrained_norms(model) and untrained_norms(
-            model, ran_norms(model, data, input_fn)):
+    if not running_norms(model) or other == "running" and _untrained_run(model, data, input_fn):
         return
     found = {eq.name: RunningMoments(tuple(d for d in range(len(eq.site.shape)) if d != 1) if eq.per_channel
                                      else None) for eq in eqs}

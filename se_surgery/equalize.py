@@ -20,7 +20,7 @@ from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
 from .install import attach, equalizers, reattach
 from .modes import copy_model, eval_mode, resolve_norm
-from .site import Site
+from .site import Site, own_forwards
 from .state import Compensation, registry
 
 
@@ -150,8 +150,7 @@ def _in_tree(model: nn.Module, sites: list[Site]) -> list[Site]:
     kept, outside = [], []
     for site in sites:
         function = site.source.rpartition("+")[0]
-        own = {getattr(c.forward, "__qualname__", "") for c in type(model.get_submodule(site.owner)).__mro__
-               if "forward" in vars(c)}
+        own = own_forwards(model.get_submodule(site.owner))
         (outside if function and function not in own else kept).append(site)
     if outside:
         where = outside[0].source.rpartition("+")[0]

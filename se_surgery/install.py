@@ -29,7 +29,7 @@ from .dispatch import (
 )
 from .equalizer import ScaleEqualizer
 from .errors import UsageError
-from .site import Site
+from .site import Site, own_forwards
 from .state import EqualizerRegistry, OwnerSites, registry
 
 
@@ -54,8 +54,7 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
             raise UsageError(f"{path} held equalizer sites of {type(model).__name__} but the model has no such module "
                              f"any more: se_surgery.equalize the plain model again.")
         sources = {key.source.rpartition("+")[0] for key in reg.owners[path].sites} - {""}
-        own = {getattr(vars(c)["forward"], "__qualname__", "") for c in type(module).__mro__ if "forward" in vars(c)}
-        if sources - own:
+        if sources - own_forwards(module):
             raise UsageError(f"{path or 'the model'} is now a {type(module).__name__}, but its equalizer sites were "
                              f"found in {', '.join(sorted(sources))}: the new module makes other calls. Equalize the "
                              f"model with the new module afresh (se_surgery.equalize on a model without equalizers), "

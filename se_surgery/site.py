@@ -124,6 +124,12 @@ def source_key_in_trace(stack_trace: str) -> str:
     return ""
 
 
+def own_forwards(module: object) -> set[str]:
+    """Qualified names of the ``forward`` functions a module's own calls run: its class's and its base classes'
+    (reached through ``super().forward``); a site's source function must be one of them."""
+    return {getattr(vars(c)["forward"], "__qualname__", "") for c in type(module).__mro__ if "forward" in vars(c)}
+
+
 @functools.lru_cache(maxsize=8192)
 def source_key(filename: str, lineno: int) -> str:
     """A call's source line as ``Qualified.function+offset`` (the line's offset from the function's first line),
