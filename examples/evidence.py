@@ -400,7 +400,7 @@ FOCUS = {"cpu": ("PSPNet", "sgd", "shapes", "cpu"), "pretrained": ("PSPNet", "sg
 def plan(args) -> list[tuple[tuple, int, str]]:
     """The runs to make, in order: (configuration, seed, arm). Seed by seed across the preset's configurations
     (the focus first), so that a sweep cut short leaves every configuration with paired seeds; then more seeds on
-    the focus configuration for ``--power-arms``."""
+    the focus configuration (or ``--power-config``) for ``--power-arms``."""
     chosen = tuple(args.arms.split(",")) if args.arms else SWEEP_ARMS
     if args.only:
         model, opt, data, seed = args.only.split(",")
@@ -412,7 +412,11 @@ def plan(args) -> list[tuple[tuple, int, str]]:
         pairs = [(c, s) for s in range(args.seeds) for c in configs]
     runs = [(c, s, a) for c, s in pairs for a in arms(c[0], chosen)]
     if not args.only and args.power_arms:
-        focus, power = FOCUS[args.preset], ("baseline", *args.power_arms.split(","))
+        focus = (*args.power_config.split(","), args.preset) if args.power_config else FOCUS[args.preset]
+        if focus not in configs:
+            raise SystemExit(f"--power-config {args.power_config}: not a configuration of --preset {args.preset} "
+                             f"(one of {', '.join(','.join(c[:3]) for c in configs)})")
+        power = ("baseline", *args.power_arms.split(","))
         runs += [(focus, s, a) for s in range(args.seeds, args.power_seeds) for a in arms(focus[0], power)]
     return runs
 
@@ -612,6 +616,7 @@ def main() -> None:
                         help="seeds for the focus configuration's --power-arms (a paired std of 0.015 needs ~40 "
                              "for a +-0.005 interval)")
     parser.add_argument("--power-arms", help="comma-separated arms run to --power-seeds on the focus configuration")
+    parser.add_argument("--power-config", help="MODEL,OPTIMIZER,DATA: run --power-arms there instead of the focus")
     parser.add_argument("--arms", help=f"comma-separated: run only these arms (default {','.join(SWEEP_ARMS)})")
     parser.add_argument("--encoder", help="smp encoder (resnet18; pretrained, gpu: tu-efficientnet_lite0)")
     parser.add_argument("--backbone-lr", type=float, help="the encoder's learning rate relative to the decoder's")

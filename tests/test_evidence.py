@@ -113,3 +113,20 @@ def test_the_lite0_weights_load_by_name_and_shape_and_recognise_a_photo():
     with torch.no_grad():
         top = lite0.classifier()(x).topk(3).indices[0].tolist()
     assert top[0] == 442  # ImageNet's "bell cote" (then palace, church)
+
+
+def test_power_seeds_go_to_the_configuration_named_and_a_wrong_name_is_refused():
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import evidence
+
+    args = argparse.Namespace(arms=None, only=None, preset="pretrained", seeds=2, power_arms="all",
+                              power_config="UPerNet,sgd,mosaic", power_seeds=4)
+    runs = evidence.plan(args)
+    assert len({(c, s) for c, s, _ in runs[:-4]}) == 2 * 4  # 2 seeds of the 4 configurations, then the power seeds
+    upernet = ("UPerNet", "sgd", "mosaic", "pretrained")
+    assert runs[-4:] == [(upernet, s, a) for s in (2, 3) for a in ("baseline", "all")]
+    args.power_config = "UPerNet,sgd,digits"  # digits are the random-init regime's
+    with pytest.raises(SystemExit, match="not a configuration of --preset pretrained"):
+        evidence.plan(args)
