@@ -101,9 +101,13 @@ def warn_wider(model: nn.Module, found: list[Spread], branches: str, scale: str)
                "that were not upsampled. ")
     else:
         why = ""
-    fix = "Use branches='all', which equalizes every input of these fusions and balances them by construction" + \
-        ("; scale='restore' gives each upsampled branch its scale before the resize" if not larger else "") \
-        if branches != "all" else "The inputs differ in a way equalizing cannot undo; check the data"
+    if branches == "all":
+        fix = "The inputs differ in a way equalizing cannot undo; check the data"
+    else:
+        fix = ("Use branches='all', which equalizes every input of these fusions and balances them by construction"
+               + ("; scale='restore' gives each upsampled branch its scale before the resize" if not larger else "")
+               + "; or leave the model unequalized: balanced scales are not assured to train better "
+                 "(docs/evidence), so validate against it")
     warn(f"se_surgery: in {len(wider)} of {len(found)} fusion(s) of {type(model).__name__} the equalizers leave the "
          f"branches further apart than before ({shown}{'; ...' if len(wider) > 4 else ''}). {why}"
          f"{fix}; se_surgery.scale_report shows every branch.")
