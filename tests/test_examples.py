@@ -1,9 +1,13 @@
-"""The examples: the paper's variance measurement agrees with the exact prediction, for every kernel."""
+"""The examples: the paper's variance measurement agrees with the exact prediction, for every kernel; each
+calibration mode measures the scales of its own norm mode (docs/calibration.md)."""
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
+
+import se_surgery as se
 
 pytestmark = pytest.mark.slow  # zoo models, subprocesses or ONNX exports: not in the fast tier
 
@@ -46,3 +50,24 @@ def test_measured_variance_ratio_agrees_with_the_prediction(mode, factor, align_
 @pytest.mark.parametrize("mode", sorted(uv.KERNELS))
 def test_nearest_keeps_the_variance(mode):
     assert uv.measured_ratio(mode, 0.5, 2, None) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_calibration_modes_each_mode_measures_the_scales_of_its_own_mode(monkeypatch):
+    # docs/calibration.md's table: calibrated with batch statistics, every equalizer leaves at std 1 (held-out
+    # batches) in training mode; calibrated with running statistics, in eval mode; PSPNet's warmed-up running
+    # statistics are far from its batches, so the other mode is off there.
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # (calibration_modes builds its models with examples/evidence.py)
+    modes = _load("calibration_modes")
+    for label, model, calibration, held_out in modes._models():
+        off = {}
+        for norm in ("batch", "running"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (LR-ASPP's untrained norm layers warn under norm='running')
+                eq = se.equalize(model.train(), (calibration[0],), calibration, norm=norm, progress=False)
+            evaluated = modes._outputs(eq, held_out, False)  # (first: training-mode forwards move the statistics)
+            trained = modes._outputs(eq, held_out, True)
+            own, other = (trained, evaluated) if norm == "batch" else (evaluated, trained)
+            assert own == pytest.approx([1.0] * len(own), abs=0.05), (label, norm)
+            off[norm] = max(abs(s - 1) for s in other)
+        if "PSPNet" in label:
+            assert min(off.values()) > 0.2, off
