@@ -570,7 +570,7 @@ def _between(path: Path, marker: str, section: str) -> None:
 
 def headline(rows: list[dict]) -> str:
     """The README's short table: per arm, its paired difference on each configuration of the pretrained regime,
-    and how many random-init configurations have its interval above, across or below 0."""
+    and how many random-init configurations have its interval above, across or below 0 (and their paired seeds)."""
     pretrained = sorted({key(r) for r in rows if key(r)[3] == "pretrained"})
     random_init = sorted({key(r) for r in rows if key(r)[3] == "cpu"})
     columns = [f"{c[0]} {c[2]}" for c in pretrained] + ["random init: above / across / below 0"]
@@ -584,13 +584,15 @@ def headline(rows: list[dict]) -> str:
                 continue
             mean, half = interval(diffs)
             cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] ({len(diffs)})")
-        signs = [0, 0, 0]
+        signs, seeds = [0, 0, 0], []
         for config in random_init:
             diffs, _ = paired(rows, config, arm)
             if len(diffs) >= 2:
                 mean, half = interval(diffs)
                 signs[0 if mean - half > 0 else 2 if mean + half < 0 else 1] += 1
-        cells.append(" / ".join(map(str, signs)) if sum(signs) else "-")
+                seeds.append(len(diffs))
+        counts = f"{min(seeds)}" + (f"-{max(seeds)}" if max(seeds) > min(seeds) else "") if seeds else ""
+        cells.append(f"{' / '.join(map(str, signs))} ({counts} seeds)" if seeds else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
