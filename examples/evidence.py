@@ -472,15 +472,20 @@ def table(rows: list[dict]) -> str:
 
 
 def premise_table(rows: list[dict]) -> str:
-    """Per configuration and upsampled branch: its std at step 0 over the mean std of the branches it joins
-    (mean over seeds, and how many seeds it arrived larger)."""
+    """Per model, data, preset and upsampled branch: its std at step 0 over the mean std of the branches it joins
+    (mean over seeds, and how many seeds it arrived larger). Step 0 comes before the optimizer acts: a seed's
+    measurement is the same for every optimizer, and counts once."""
     lines = ["| model | data | preset | upsampled branch | std / others' std at step 0 (mean over seeds) | "
              "seeds where it arrives larger |", "|---|---|---|---|---|---|"]
-    for config in sorted({key(r) for r in rows if "premise" in r}, key=lambda c: (c[3] != "pretrained", c)):
-        found = [r["premise"] for r in rows if key(r) == config and "premise" in r]
+    measured = {(r["model"], r["data"], r["preset"]): {} for r in rows if "premise" in r}
+    for r in rows:
+        if "premise" in r:
+            measured[r["model"], r["data"], r["preset"]].setdefault(r["seed"], r["premise"])
+    for config in sorted(measured, key=lambda c: (c[2] != "pretrained", c)):
+        found = list(measured[config].values())
         for branch in found[0]:
             ratios = [p[branch] for p in found if branch in p]
-            lines.append(f"| {config[0]} | {config[2]} | {config[3]} | {branch} | {statistics.mean(ratios):.3g} | "
+            lines.append(f"| {' | '.join(config)} | {branch} | {statistics.mean(ratios):.3g} | "
                          f"{sum(r > 1 for r in ratios)} / {len(ratios)} |")
     return "\n".join(lines)
 
