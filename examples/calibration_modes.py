@@ -54,17 +54,22 @@ def _models():
     yield "torchvision LR-ASPP, random weights", model, batches[:8], batches[8:]
 
 
-def main() -> None:
-    rows = ["| model | statistics | equalizers' output std, training mode | eval mode |", "|---|---|---|---|"]
+def measure():
+    """Per model and statistics: (label, norm, the equalizers' output stds in training mode, in eval mode)."""
     for label, model, calibration, held_out in _models():
         for norm in ("running", "batch"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (norm='running' on untrained norm layers warns: measured anyway)
                 eq = se.equalize(model.train(), (calibration[0],), calibration, norm=norm, progress=False)
             evaluated = _outputs(eq, held_out, False)  # (first: training-mode forwards move the running statistics)
-            train = _outputs(eq, held_out, True)
-            rows.append(f"| {label} | `norm={norm!r}` | {' / '.join(f'{s:.3g}' for s in train)} | "
-                        f"{' / '.join(f'{s:.3g}' for s in evaluated)} |")
+            yield label, norm, _outputs(eq, held_out, True), evaluated
+
+
+def main() -> None:
+    rows = ["| model | statistics | equalizers' output std, training mode | eval mode |", "|---|---|---|---|"]
+    for label, norm, train, evaluated in measure():
+        rows.append(f"| {label} | `norm={norm!r}` | {' / '.join(f'{s:.3g}' for s in train)} | "
+                    f"{' / '.join(f'{s:.3g}' for s in evaluated)} |")
     print("\n".join(rows))
 
 

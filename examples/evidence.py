@@ -477,10 +477,10 @@ def premise_table(rows: list[dict]) -> str:
     measurement is the same for every optimizer, and counts once."""
     lines = ["| model | data | preset | upsampled branch | std / others' std at step 0 (mean over seeds) | "
              "seeds where it arrives larger |", "|---|---|---|---|---|---|"]
-    measured = {(r["model"], r["data"], r["preset"]): {} for r in rows if "premise" in r}
+    measured: dict[tuple, dict] = {}
     for r in rows:
         if "premise" in r:
-            measured[r["model"], r["data"], r["preset"]].setdefault(r["seed"], r["premise"])
+            measured.setdefault((r["model"], r["data"], r["preset"]), {}).setdefault(r["seed"], r["premise"])
     for config in sorted(measured, key=lambda c: (c[2] != "pretrained", c)):
         found = list(measured[config].values())
         for branch in found[0]:
@@ -596,8 +596,11 @@ def headline(rows: list[dict]) -> str:
                 mean, half = interval(diffs)
                 signs[0 if mean - half > 0 else 2 if mean + half < 0 else 1] += 1
                 seeds.append(len(diffs))
-        counts = f"{min(seeds)}" + (f"-{max(seeds)}" if max(seeds) > min(seeds) else "") if seeds else ""
-        cells.append(f"{' / '.join(map(str, signs))} ({counts} seeds)" if seeds else "-")
+        if seeds:
+            low, high = min(seeds), max(seeds)
+            cells.append(f"{' / '.join(map(str, signs))} ({low if low == high else f'{low}-{high}'} seeds)")
+        else:
+            cells.append("-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
