@@ -446,6 +446,13 @@ def paired(rows: list[dict], config: tuple, arm: str) -> tuple[list[float], list
     return [by[(s, arm)] - by[(s, "baseline")] for s in seeds], [by[(s, "baseline")] for s in seeds]
 
 
+def across_machines(rows: list[dict]) -> list[str]:
+    """The pairs whose arm and baseline ran on different machines: not bit-paired (README: "Reproducibility")."""
+    base = {(key(r), r["seed"]): r.get("machine") for r in rows if r["arm"] == "baseline"}
+    return [f"{'/'.join(key(r))} seed {r['seed']} {r['arm']}" for r in rows
+            if r["arm"] != "baseline" and base.get((key(r), r["seed"]), r.get("machine")) != r.get("machine")]
+
+
 def interval(diffs: list[float]) -> tuple[float, float]:
     n = len(diffs)
     if n < 2:
@@ -551,6 +558,10 @@ def report(args) -> None:
                f"{len({r['seed'] for r in rows})} seeds per configuration; {shapes_}; batch {args.batch}, one "
                f"thread per run; {seconds / 3600:.2f} h of run time; se_surgery commit(s) {', '.join(commits)}."
                if rows else "no runs yet.")
+    apart = across_machines(rows)
+    if apart:
+        summary += (f" {len(apart)} pair(s) ran arm and baseline on different machines ({'; '.join(apart[:4])}"
+                    f"{'; ...' if len(apart) > 4 else ''}): a fresh draw of the rounding, not bit-paired.")
     premise = premise_table(rows)
     text = text + "\n\nThe premise at step 0 (batch statistics): does each upsampled branch arrive smaller than " \
         "the branches it is fused with?\n\n" + premise

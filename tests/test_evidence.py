@@ -130,3 +130,16 @@ def test_power_seeds_go_to_the_configuration_named_and_a_wrong_name_is_refused()
     args.power_config = "UPerNet,sgd,digits"  # digits are the random-init regime's
     with pytest.raises(SystemExit, match="not a configuration of --preset pretrained"):
         evidence.plan(args)
+
+
+def test_the_report_names_pairs_whose_runs_ran_on_different_machines():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import evidence
+
+    def row(seed, arm, machine):
+        return {"model": "PSPNet", "optimizer": "sgd", "data": "shapes", "preset": "cpu", "seed": seed, "arm": arm,
+                "machine": machine}
+
+    rows = [row(0, "baseline", "AVX2"), row(0, "equalized", "AVX2"), row(1, "baseline", "AVX2"),
+            row(1, "equalized", "AVX512"), row(2, "equalized", "AVX512")]  # seed 2 has no baseline: no pair
+    assert evidence.across_machines(rows) == ["PSPNet/sgd/shapes/cpu seed 1 equalized"]
