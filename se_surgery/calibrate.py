@@ -381,7 +381,9 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
     check_scale(scale, eqs)
     if isinstance(data, Iterator):
         data = Replay(data)
-    norm = choose_norm(model, norm, data, input_fn)
+    chosen = choose_norm(model, norm, data, input_fn)
+    switched = chosen != resolve_norm(model, norm)  # "auto" met untrained running statistics: no eval mode to check
+    norm = chosen
     levels = sorted({eq.site.level for eq in eqs})
     targets: dict[str, torch.Tensor] = {}
     for level in levels:
@@ -393,7 +395,8 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
             after_level(at_level)
     reg = registry(model)
     reg.scale, reg.norm, reg.spreads = scale, norm, {}  # (the spreads of other statistics are gone)
-    _check_other_mode(model, eqs, targets, data, norm, max_batches, input_fn)
+    if not switched:
+        _check_other_mode(model, eqs, targets, data, norm, max_batches, input_fn)
 
 
 def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data: Iterable, norm: str,
