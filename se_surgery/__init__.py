@@ -20,12 +20,13 @@ from .onnx import FoldReport, export_onnx, fold_onnx
 from .report import BranchScale, ScaleReport, describe, scale_report
 from .site import Consumer, Site
 from .state import Compensation, FoldAction, FoldReason, FoldStep
+from .where import FusionScales, Where, narrows
 
 __all__ = [
     "BranchScale", "CalibrationError", "CaptureError", "Compensation", "Consumer", "FoldAction", "FoldReason",
-    "FoldReport", "FoldStep", "NotCalibratedError",
-    "OnnxError", "ScaleEqualizer", "ScaleReport", "SeSurgeryError", "Site", "SiteMismatchError", "UsageError",
+    "FoldReport", "FoldStep", "FusionScales", "NotCalibratedError",
+    "OnnxError", "ScaleEqualizer", "ScaleReport", "SeSurgeryError", "Site", "SiteMismatchError", "UsageError", "Where",
     "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold", "fold_onnx",
-    "restore", "scale_report",
+    "narrows", "restore", "scale_report",
 ]
 __version__ = "0.2.0"

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from .calibrate import InputFn, RunningMoments, watch_pass
-from .errors import warn
+from .errors import CalibrationError, warn
 from .find import find_sites
 from .install import attach, equalizers
 from .modes import copy_model
+from .site import Site
 from .state import registry
+from .where import FusionScales
 
 # How many calibration batches the measurement reads.
 PREMISE_BATCHES = 4
@@ -45,16 +47,18 @@ class Spread:
         return self.after > self.before * WIDER
 
 
-def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Iterable, *, norm: str,
-            max_batches: int | None, input_fn: InputFn | None) -> list[Spread]:
-    """Measure, on a copy of the calibrated ``model`` (``program`` is its graph), every fusion that takes one of
-    its equalized branches; see the module's docstring."""
+def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: set[str], data: Iterable, *,
+             form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None
+             ) -> tuple[list[Site], dict[str, tuple[RunningMoments, RunningMoments]]]:
+    """Every input branch of ``fusions``, measured on a copy of ``model`` over at most :data:`PREMISE_BATCHES`
+    batches: (the branches' sites, per site name the moments of the equalizer's input and output). A branch
+    without an equalizer of the model gets an identity one, a measuring point."""
     probe = copy_model(model)
-    own = {eq.site.name: eq for eq in equalizers(probe)}
-    fusions = {eq.site.joins for eq in own.values()}
+    own = {eq.site.name for eq in equalizers(probe)}
     extra = [s for s in find_sites(program, branches="all") if s.joins in fusions and s.name not in own]
     for eq in attach(probe, extra):
         eq.set_statistics(torch.zeros_like(eq.mean), torch.ones_like(eq.std))  # measuring points: identity
+    registry(probe).input_form = form
     seen = {eq.site.name: (RunningMoments(), RunningMoments()) for eq in equalizers(probe)}
 
     def watch(eq, inputs, out):
@@ -67,50 +71,75 @@ def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Itera
     for pair in seen.values():  # under torch.distributed: every rank's data, so all ranks record the same
         for moments in pair:
             moments.all_reduce()
+    branches = [eq.site for eq in equalizers(probe) if eq.site.joins in fusions]
+    unmet = [s.name for s in branches if seen[s.name][0].mean is None]
+    if unmet:
+        raise CalibrationError(f"site {unmet[0]} was never reached on the calibration data: the model took another "
+                               f"path than on example_inputs. Equalize at the size and with the inputs you "
+                               f"calibrate with.")
+    return branches, seen
+
+
+def branch_scales(model: nn.Module, program: torch.export.ExportedProgram, sites: list[Site], data: Iterable, *,
+                  form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None
+                  ) -> list[FusionScales]:
+    """What the fusions of ``sites`` receive before any equalizer acts, measured on a copy of ``model`` with an
+    identity equalizer at every input of those fusions (for a measured choice of sites: :mod:`se_surgery.where`).
+    ``form``: how a batch maps to the model's inputs (the registry's ``input_form``)."""
+    fusions = {s.joins: s for s in sites}
+    branches, seen = _measure(model, program, set(fusions), data, form=form, norm=norm, max_batches=max_batches,
+                              input_fn=input_fn)
     found = []
-    for fusion in dict.fromkeys(eq.site.joins for eq in own.values()):
-        branches = [eq.site for eq in equalizers(probe) if eq.site.joins == fusion
-                    and seen[eq.site.name][0].mean is not None]
-        before = {s.name: float(seen[s.name][0].std) for s in branches}
-        after = {s.name: float(seen[s.name][1].std) for s in branches}
-        if len(branches) < 2 or min(before.values()) <= 0 or min(after.values()) <= 0:
+    for fusion, site in fusions.items():
+        at = [s for s in branches if s.joins == fusion]
+        found.append(FusionScales(fusion, site.fusion, site.place,
+                                  {s.name: float(seen[s.name][0].std) for s in at if s.kind == "upsample"},
+                                  {s.name: float(seen[s.name][0].std) for s in at if s.kind != "upsample"}))
+    return found
+
+
+def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Iterable, *, norm: str,
+            max_batches: int | None, input_fn: InputFn | None) -> list[Spread]:
+    """Measure, on a copy of the calibrated ``model`` (``program`` is its graph), every fusion that takes one of
+    its equalized branches; see the module's docstring."""
+    joins = list(dict.fromkeys(eq.site.joins for eq in equalizers(model)))
+    branches, seen = _measure(model, program, set(joins), data, form=registry(model).input_form, norm=norm,
+                              max_batches=max_batches, input_fn=input_fn)
+    found = []
+    for fusion in joins:
+        at = [s for s in branches if s.joins == fusion]
+        before = {s.name: float(seen[s.name][0].std) for s in at}
+        after = {s.name: float(seen[s.name][1].std) for s in at}
+        if len(at) < 2 or min(before.values()) <= 0 or min(after.values()) <= 0:
             continue
-        ups = [before[s.name] for s in branches if s.kind == "upsample"]
-        others = [before[s.name] for s in branches if s.kind != "upsample"]
+        ups = [before[s.name] for s in at if s.kind == "upsample"]
+        others = [before[s.name] for s in at if s.kind != "upsample"]
         found.append(Spread(fusion, max(before.values()) / min(before.values()),
                             max(after.values()) / min(after.values()), sum(ups) / len(ups),
                             sum(others) / len(others) if others else None))
     return found
 
 
-def warn_wider(model: nn.Module, found: list[Spread], branches: str, scale: str) -> None:
-    """One warning naming the fusions whose branches the equalizers left further apart, why, and what balances
-    them."""
+def warn_wider(model: nn.Module, found: list[Spread], branches: str) -> None:
+    """One warning naming the fusions whose branches the equalizers left further apart, with what was measured,
+    and pointing at the choice of sites (it names no cause: docs/evidence measures which placements train well)."""
     wider = [s for s in found if s.wider]
     if not wider:
         return
     shown = "; ".join(f"{s.fusion}: spread {s.before:.3g}x -> {s.after:.3g}x" +
                       (f", upsampled branches arrive at std {s.upsampled:.3g}, the others at {s.others:.3g}"
                        if s.others is not None else "") for s in wider[:4])
-    larger = any(s.others is not None and s.upsampled > s.others for s in wider)
-    if larger:
-        why = ("The upsampled branches arrive larger than the others here, not smaller as the paper's premise has "
-               "it (smooth maps lose little variance to upsampling). ")
-    elif scale == "unit":
-        why = ("The equalized branches leave at std 1 (the paper's unit scale), away from the scale of the branches "
-               "that were not upsampled. ")
-    else:
-        why = ""
     if branches == "all":
-        fix = "The inputs differ in a way equalizing cannot undo; check the data"
+        fix = "Every input of these fusions is equalized, yet their spread grew: check the calibration data"
     else:
-        fix = ("Use branches='all', which equalizes every input of these fusions and balances them by construction"
-               + ("; scale='restore' gives each upsampled branch its scale before the resize" if not larger else "")
-               + "; or leave the model unequalized: balanced scales are not assured to train better "
-                 "(docs/evidence), so validate against it")
+        names = ", ".join(repr(s.fusion) for s in wider[:4])
+        fix = ("Choose where to equalize: where='measured' leaves such fusions alone, se_surgery.Where(exclude=["
+               f"{names}]) names them, branches='all' equalizes every input of a fusion, or leave the model "
+               "unequalized; docs/evidence has what each placement measured in training, so validate against the "
+               "unequalized model")
     warn(f"se_surgery: in {len(wider)} of {len(found)} fusion(s) of {type(model).__name__} the equalizers leave the "
-         f"branches further apart than before ({shown}{'; ...' if len(wider) > 4 else ''}). {why}"
-         f"{fix}; se_surgery.scale_report shows every branch.")
+         f"branches further apart than before ({shown}{'; ...' if len(wider) > 4 else ''}). {fix}; "
+         f"se_surgery.scale_report shows every branch.")
 
 
 def record(model: nn.Module, found: list[Spread]) -> None:

@@ -25,6 +25,7 @@ from .inputs import model_device
 from .install import detach, equalizers
 from .integrations.zoo import from_pretrained, saved_by_transformers
 from .state import RECIPE_KEY, decode, encode, registry
+from .where import Where
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 
@@ -119,16 +120,17 @@ def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             equalize(model, example_from(recipe, device), None, per_channel=recipe["per_channel"],
-                     branches=recipe["branches"], inplace=True, progress=False)
-    except UsageError:
-        raise
+                     branches=recipe["branches"], where=Where(names=tuple(recipe["sites"])), inplace=True,
+                     progress=False)
+    except UsageError as error:
+        raise UsageError(f"{_name(source)}: {error} Restore into the architecture it was saved from.") from error
     except Exception as error:
         raise UsageError(f"{_name(source)}: {type(model).__name__} cannot be equalized as the checkpoint's recipe "
                          f"says (example inputs {recipe['shapes']}): {type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}. Restore into the architecture it was "
                          f"saved from.") from error
     found = [eq.name for eq in equalizers(model)]
-    if found != recipe["sites"]:
+    if sorted(found) != sorted(recipe["sites"]):  # (a model equalized twice lists its sites in the order added)
         raise UsageError(f"{_name(source)} has equalizers at {recipe['sites']}, but {type(model).__name__} gives "
                          f"sites {found}: restore into the same architecture it was saved from.")
     saved = {key.split(".")[1] for key in state if key.startswith("scale_equalizers.") and key != RECIPE_KEY}

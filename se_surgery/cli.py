@@ -124,7 +124,7 @@ def _export(args: argparse.Namespace) -> int:
     data = _batches(args)
     example = _one(data[0])
     if not se.equalizers(model):
-        model = se.equalize(model, example, data, progress=not args.quiet)
+        model = se.equalize(model, example, data, where=_where(args), progress=not args.quiet)
     print(se.export_onnx(model, example, args.output, dynamic_spatial=False if args.static else None))
     return 0
 
@@ -153,12 +153,14 @@ def _inspect(args: argparse.Namespace) -> int:
     if already:
         print(se.describe(model))
     else:
+        shown = None if _where(args).measured is not None else _where(args)  # (measured: decided when equalizing)
         reports.append(("before (the model as given)", se.scale_report(model, example, data, targets=targets,
-                                                                      max_batches=None, progress=not args.quiet)))
+                                                                      max_batches=None, progress=not args.quiet,
+                                                                      where=shown)))
         if not reports[0][1].rows:
             print(reports[0][1])
             return 0
-        model = se.equalize(model, example, data, progress=not args.quiet)
+        model = se.equalize(model, example, data, where=_where(args), progress=not args.quiet)
     reports.append(("after (equalized)" if not already else "equalized, as loaded",
                     se.scale_report(model, example, data, targets=targets, max_batches=None,
                                     progress=not args.quiet)))
@@ -191,7 +193,7 @@ def _equalize(args: argparse.Namespace) -> int:
     if se.equalizers(model):
         raise ValueError(f"--weights {args.weights} is already equalized.")
     data = _batches(args)
-    eq = se.equalize(model, data[0], data, per_channel=args.per_channel, branches=args.branches,
+    eq = se.equalize(model, data[0], data, per_channel=args.per_channel, branches=args.branches, where=_where(args),
                      preserve_function=args.preserve_function, progress=not args.quiet)
     print(se.describe(eq))
     sites = [e.site.name for e in se.equalizers(eq)]
@@ -222,6 +224,30 @@ def _model_options(parser: argparse.ArgumentParser, size: int = 256) -> None:
                                           "weights_only=True, never unpickling code); a file written by "
                                           "'se-surgery equalize' gives the equalized model")
     parser.add_argument("--size", type=int, default=size, help=f"image size in pixels (default {size})")
+
+
+def _where_options(parser: argparse.ArgumentParser) -> None:
+    from .where import PRESET_HELP
+
+    group = parser.add_argument_group("where to equalize (combined with 'and')")
+    group.add_argument("--where", choices=list(PRESET_HELP), default="every",
+                       help="which fusions: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()) +
+                            " (default every)")
+    group.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                       help="equalize only sites whose name, owner module path, fusion or fusion owner matches "
+                            "(a glob, e.g. 'decoder.psp*'; 're:' starts a regular expression); repeatable")
+    group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="leave alone the sites that match (as --include); repeatable")
+
+
+def _where(args: argparse.Namespace):
+    from .where import Where, resolve
+
+    preset = resolve(args.where)
+    if not args.include and not args.exclude:
+        return preset
+    return Where(fusions=preset.fusions, place=preset.place, rule=preset.rule, measured=preset.measured,
+                 include=tuple(args.include), exclude=tuple(args.exclude))
 
 
 def _data_options(parser: argparse.ArgumentParser, synthetic: int) -> None:
@@ -289,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--labels", help="a folder of label maps for --data (same relative names, .png; class ids, "
                                           "255 = ignore): the gradients are of the loss against them instead of "
                                           "against the model's own predictions")
+    _where_options(inspect)
     inspect.add_argument("--markdown", action="store_true", help="print Markdown tables")
     inspect.add_argument("--plot", help="write a before/after bar plot (e.g. scales.png)")
     inspect.set_defaults(run=_inspect)
@@ -301,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "scalar per site, the paper's)")
     equalize.add_argument("--branches", choices=["upsampled", "all"], default="upsampled",
                           help="equalize only the upsampled inputs of a fusion (paper, default) or all of them")
+    _where_options(equalize)
     equalize.add_argument("--preserve-function", action="store_true", help="compensate the consumers so the "
                                                                           "model computes what it did before")
     equalize.add_argument("-o", "--output", required=True, help="the state_dict to write: .safetensors, else "
@@ -311,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "batch/height/width), checked by onnxruntime")
     _model_options(export, size=512)
     _data_options(export, synthetic=8)
+    _where_options(export)
     export.add_argument("--static", action="store_true", help="fixed height/width (models whose export bakes "
                                                               "the size in, e.g. adaptive pooling to fixed bins)")
     export.add_argument("-o", "--output", required=True, help="the ONNX file to write")

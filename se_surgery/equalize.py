@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
-from .balance import record, spreads, warn_wider
-from .calibrate import InputFn, Replay, check_data, check_scale, run_levels
+from .balance import branch_scales, record, spreads, warn_wider
+from .calibrate import InputFn, Replay, check_data, check_scale, choose_norm, run_levels
 from .capture import capture
 from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
@@ -22,6 +22,7 @@ from .install import attach, equalizers, reattach
 from .modes import copy_model, eval_mode, resolve_norm
 from .site import Site, own_forwards
 from .state import Compensation, registry
+from .where import Where, choose, choose_measured, resolve
 
 
 def equalize(
@@ -31,6 +32,7 @@ def equalize(
     *,
     per_channel: bool = False,
     branches: str = "upsampled",
+    where: str | Where | Callable[[Site], bool] = "every",
     scale: str = "unit",
     norm: str = "auto",
     preserve_function: bool = False,
@@ -39,7 +41,8 @@ def equalize(
     progress: bool = True,
     input_fn: InputFn | None = None,
 ) -> nn.Module:
-    """Insert a ScaleEqualizer after every interpolating upsampling that feeds a fusion, and calibrate them.
+    """Insert a ScaleEqualizer after every interpolating upsampling that feeds a fusion (or those ``where``
+    chooses), and calibrate them.
 
     Args:
         model: any ``nn.Module`` that ``torch.export.export(..., strict=False)`` captures on ``example_inputs``.
@@ -51,6 +54,12 @@ def equalize(
             the equalizers uncalibrated, and the model refuses to run until ``se_surgery.calibrate`` is called.
         per_channel: one mean/std per channel instead of the paper's single scalar pair.
         branches: ``"upsampled"`` (the paper's placement) or ``"all"`` (every input of those fusions).
+        where: which fusions get equalizers: a preset (``"every"``: all of them; ``"paper"``: all but the chained
+            additions of top-down paths; ``"final"``: only the final merge of the levels; ``"cat"``, ``"add"``: by
+            fusion kind; ``"measured"``: where equalizing brings the branches closer together on the calibration
+            data), a :class:`se_surgery.Where` (kinds, place, include/exclude patterns, names, rules), or a
+            function of a :class:`se_surgery.Site`. Recorded in the recipe; ``describe`` lists the sites left
+            alone and why.
         scale: ``"unit"`` (the paper's: mean 0, std 1) or ``"restore"`` (each upsampled branch gets back the std
             its map had before the resize; see :func:`se_surgery.calibrate`). docs/evidence/README.md has what
             each measured in training.
@@ -68,6 +77,11 @@ def equalize(
     Returns:
         The model (a copy unless ``inplace``): same class and call signature, plus ``model.scale_equalizers``.
     """
+    choice = resolve(where)
+    if choice.measured is not None and (calibration_data is None or scale != "unit" or branches != "upsampled"):
+        raise UsageError(f"{choice} decides on the branch scales measured on calibration_data, at the unit scale, "
+                         f"for branches='upsampled': pass calibration_data (and keep scale='unit', "
+                         f"branches='upsampled'), or choose the sites by kind, place or pattern.")
     if preserve_function and calibration_data is None:
         raise UsageError("preserve_function=True needs calibration_data: the compensation uses the statistics.")
     check_scale(scale, [])
@@ -96,11 +110,34 @@ def equalize(
     target = model if inplace else copy_model(model)
     with bypassed():
         program = capture(target, example_inputs)
-    sites = _in_tree(target, find_sites(program, branches=branches))
+    sites, left = choose(_in_tree(target, find_sites(program, branches=branches)), choice)
+    if left and not sites:
+        warn(f"se_surgery: {choice} leaves every site of {type(model).__name__} alone "
+             f"({'; '.join(f'{n}: {why}' for n, why in list(left.items())[:4])}); the model is returned unchanged.")
+        return target
     if not sites:
         warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
              f"({explain(program)}); the model is returned unchanged.")
         return target
+    form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    if choice.measured is not None:
+        check_data(calibration_data)
+        if isinstance(calibration_data, Iterator):  # read once: measuring, the levels and the spreads replay it
+            calibration_data = Replay(calibration_data)
+        scales = branch_scales(target, program, sites, calibration_data, form=form,
+                               norm=choose_norm(target, norm, calibration_data, input_fn), max_batches=max_batches,
+                               input_fn=input_fn)
+        sites, more = choose_measured(sites, choice, scales)
+        left.update(more)
+        if not sites:
+            warn(f"se_surgery: {choice} leaves every fusion of {type(model).__name__} alone "
+                 f"({'; '.join(list(more.values())[:4])}); the model is returned unchanged.")
+            return target
+    clash = sorted({eq.name for eq in equalizers(target)} & set(left))
+    if clash:
+        raise UsageError(f"{type(model).__name__} is already equalized at {', '.join(clash[:4])}, which {choice} "
+                         f"leaves alone ({left[clash[0]]}). To change where it is equalized, equalize the model "
+                         f"without equalizers (the one you started from) with this choice; nothing was changed.")
     renewed = reattach(target)  # an equalized model whose owner module was replaced: equalize the new module
     added = attach(target, sites, per_channel=per_channel, train_calls=_training_calls(target, example_inputs,
                                                                                        program))
@@ -110,13 +147,16 @@ def equalize(
         return target
     added += renewed
     reg = registry(target)
-    reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    reg.input_form = form
     tensors = [*args, *kwargs.values()]
     if all(isinstance(t, torch.Tensor) for t in tensors):  # what restore() needs to find the same sites again
+        chosen = {eq.name for eq in equalizers(target)}
         reg.recipe = {"input_kind": reg.input_form[0], "input_names": list(kwargs),
                       "shapes": [list(t.shape) for t in tensors],
                       "dtypes": [str(t.dtype).split(".")[1] for t in tensors], "per_channel": per_channel,
-                      "branches": branches, "sites": [eq.name for eq in equalizers(target)]}
+                      "branches": branches, "sites": [eq.name for eq in equalizers(target)],
+                      "where": [*reg.recipe.get("where", []), choice.record()],
+                      "left": {n: why for n, why in {**reg.recipe.get("left", {}), **left}.items() if n not in chosen}}
     unlocated = [eq.name for eq in added if not eq.site.source]
     if unlocated:
         warn(f"se_surgery: {', '.join(unlocated)} come from code without a source file (python -c, exec), "
@@ -137,7 +177,7 @@ def equalize(
     found = spreads(target, program, calibration_data, norm=registry(target).norm, max_batches=max_batches,
                     input_fn=input_fn)
     record(target, found)
-    warn_wider(target, found, branches, scale)
+    warn_wider(target, found, branches)
     return target
 
 

@@ -137,6 +137,17 @@ def _fusion_kind(node: Node, live: set[Node]) -> str | None:
     return FUSION_OPS[node.target].kind if len(tensors) >= 2 else None
 
 
+def _fused_as(node: Node) -> str:
+    """What a fusion does to its branches: its kind, except that a stack summed over the stacked dimension (smp
+    FPN's ``torch.stack(levels).sum(0)``) is an addition."""
+    kind = FUSION_OPS[node.target].kind
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if kind == "stack" and node.users and all(u.target == aten.sum.dim_IntList and list(u.args[1]) == [dim]
+                                                for u in node.users):
+        return "add"
+    return kind
+
+
 def _closure(node: Node, step) -> set[Node]:
     """Every node reached from ``node`` by repeating ``step`` (``lambda n: n.users`` or ``n.all_input_nodes``)."""
     seen, todo = set(), [node]
@@ -327,7 +338,7 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
             fusions[fusion].add(branch)
         align = node.args[2] if len(node.args) > 2 else None
         found.append((node, dict(identity(node, "resize"), kind="upsample", arg=0,
-                                 fusion=_fusion_kind(reached[0][0], live), shape=out, in_size=tuple(src[2:]),
+                                 fusion=_fused_as(reached[0][0]), shape=out, in_size=tuple(src[2:]),
                                  mode=RESIZE_OPS[node.target], align_corners=align, consumer=_consumer(node, sig),
                                  joins=fusion_name(reached[0][0]))))
     if branches == "all":
@@ -336,9 +347,14 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
                 if not isinstance(other, Node) or other in carried or other not in live:
                     continue
                 found.append((other, dict(identity(fusion, "fusion"), kind="branch", arg=arg,
-                                          fusion=FUSION_OPS[fusion.target].kind, shape=_shape(other), in_size=None,
+                                          fusion=_fused_as(fusion), shape=_shape(other), in_size=None,
                                           mode=None, align_corners=None, consumer=_consumer(other, sig, fusion),
                                           joins=fusion_name(fusion))))
+
+    # A fusion whose output reaches another fusion of an upsampled branch is chained (a top-down path); else final.
+    chained = {fusion_name(f) for f in fusions if _closure(f, lambda n: n.users) & (fusions.keys() - {f})}
+    for _, info in found:
+        info["place"] = "chained" if info["joins"] in chained else "final"
 
     # A site whose input depends on another site is calibrated after it (FPN top-down paths chain them).
     order = {node: i for i, node in enumerate(graph.nodes)}

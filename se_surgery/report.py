@@ -32,6 +32,7 @@ from .integrations.zoo import main_logits
 from .modes import norm_mode
 from .ops import NOUNS
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
+from .where import Where, choice_text, choose, resolve
 
 _REASONS = {
     FoldReason.NO_CONSUMER: "the branch meets an addition before any conv",
@@ -120,7 +121,12 @@ def describe(model: nn.Module) -> str:
         foot += ("\nbranch std spread per fusion (largest / smallest, before -> after equalizing, measured on the "
                  "calibration data): " + ", ".join(f"{f} {b:.3g}x -> {a:.3g}x" for f, (b, a) in reg.spreads.items()))
         if wider:
-            foot += f"\nFURTHER APART after equalizing: {', '.join(wider)} (branches='all' balances them)"
+            foot += (f"\nFURTHER APART after equalizing: {', '.join(wider)} (where='measured' leaves such fusions "
+                     f"alone; branches='all' balances them)")
+    if reg.recipe.get("left"):
+        choices = "; then ".join(choice_text(c) for c in reg.recipe.get("where", []))
+        foot += (f"\nleft alone by the choice of sites ({choices}):\n" +
+                 "\n".join(f"  {name}: {why}" for name, why in reg.recipe["left"].items()))
     replaced = replaced_owners(model)
     if replaced:
         foot += (f"\nNOT ACTING: {', '.join(replaced)} was replaced after equalizing; the forward refuses to run "
@@ -153,6 +159,7 @@ class BranchScale:
     grad_rms: float | None      # RMS gradient of the consumer's weight slice for this branch (None: no consumer)
     consumer: str | None        # state_dict key of the conv weight this branch feeds (through the concatenation)
     channels: tuple[int, int] | None  # that weight's input channels [start, stop) fed by this branch
+    left: str = ""              # why the choice of sites (``where``) leaves this upsampled branch alone, if it does
 
 
 @dataclass
@@ -173,7 +180,8 @@ class ScaleReport:
             return "-" if v is None else f"{v:.4g}"
 
         return [[r.fusion, r.branch, f"x{r.factor:.3g}" if r.factor else "-",
-                 "-" if r.align_corners is None else str(r.align_corners), "yes" if r.equalized else "no",
+                 "-" if r.align_corners is None else str(r.align_corners),
+                 "yes" if r.equalized else "left alone" if r.left else "no",
                  num(r.mean), num(r.std), num(r.second_moment), num(r.grad_rms),
                  f"{r.consumer}[{r.channels[0]}:{r.channels[1]}]" if r.consumer else "-"] for r in self.rows]
 
@@ -334,7 +342,8 @@ def _csv_cell(value: Any) -> Any:
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
                  progress: bool = True, input_fn: Callable[[Any], Any] | None = None,
-                 norm: str | None = None, class_dim: int | None = None) -> ScaleReport:
+                 norm: str | None = None, class_dim: int | None = None,
+                 where: str | Where | Callable[[Any], bool] | None = None) -> ScaleReport:
     """Measure every branch of every fusion that takes an upsampled input, on ``data``.
 
     Works on an original model (the problem) and on an equalized one (the fix); the model itself is not changed.
@@ -354,6 +363,9 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         class_dim: the dimension of the main logits that holds the classes. ``None``: with ``targets``, the one
             dimension whose removal leaves the targets' shape; without, dimension 1 (``(N, C, H, W)``), refused
             where dimension 1 is larger than the last one (a channel-last output such as ``(N, H, W, C)``: name it).
+        where: a choice of sites as :func:`se_surgery.equalize` takes it (not ``"measured"``: this report is that
+            measurement); the upsampled branches it leaves alone are marked ``left alone``. ``None``: those the
+            model's own choice left alone, if it is equalized.
 
     Returns:
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
@@ -364,12 +376,19 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     requested = norm if norm is not None else reg is not None and reg.norm or "auto"
     probe = copy.deepcopy(model).eval()  # (equalize captures it in eval mode; measured below in the norm mode)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
+    choice = resolve(where) if where is not None else None
+    if choice is not None and choice.measured is not None:
+        raise UsageError(f"scale_report(where={choice}): the measured choice reads the branch scales this report "
+                         f"measures; call scale_report without it, or with a choice by kind, place or pattern.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         equalize(probe, example_inputs, None, branches="all", inplace=True, progress=False)
     eqs = list(equalizers(probe))
     if not eqs:
         return ScaleReport(type(model).__name__, [], 0, "-")
+    left = dict(reg.recipe.get("left", {})) if reg is not None else {}
+    if choice is not None:
+        left = choose([eq.site for eq in eqs if eq.site.kind == "upsample"], choice)[1]
     for eq in eqs:
         if eq.site.name not in own:  # measuring points: identity
             eq.set_statistics(torch.zeros_like(eq.mean), torch.ones_like(eq.std))
@@ -421,7 +440,8 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
             g = probe.get_parameter(consumer.weight).grad
             grad = None if g is None else float((g[:, start:stop] / seen).pow(2).mean().sqrt())
         rows.append(BranchScale(site.joins, site.name, site.factor, site.align_corners, site.name in own, mean, std,
-                                mean**2 + std**2, grad, consumer and consumer.weight, consumer and consumer.channels))
+                                mean**2 + std**2, grad, consumer and consumer.weight, consumer and consumer.channels,
+                                left.get(site.name, "")))
     loss = "cross-entropy vs " + ("the given targets" if targets is not None else "the model's own argmax")
     return ScaleReport(type(model).__name__, rows, seen, loss, norm)
 

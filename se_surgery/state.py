@@ -212,7 +212,7 @@ def registry(model: nn.Module) -> EqualizerRegistry | None:
 # ----------------------------------------------------------------------------------------------------------------
 # The recipe codec. A recipe read from a file is untrusted: bounded in size, parsed, then checked field by field.
 
-VERSION = 3
+VERSION = 4
 MAX_BYTES = 4 << 20          # a real recipe is a few kB per hundred sites
 MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_ELEMENTS = 64, 8, 1 << 20, 1 << 26
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
@@ -277,12 +277,29 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "equalizers": (lambda v: isinstance(v, dict), "an object of per-equalizer records"),
     "scale": (lambda v: v in (None, "unit", "restore"), "'unit', 'restore' or null"),
     "norm": (lambda v: v in (None, "batch", "running"), "'batch', 'running' or null"),
+    "where": (lambda v: isinstance(v, list) and len(v) <= 1000 and all(map(_choice, v)),
+              "a list of site choices (preset, fusions, place, include, exclude, names, rule, measured)"),
+    "left": (lambda v: isinstance(v, dict) and len(v) <= 100_000 and all(
+        isinstance(k, str) and len(k) < 1000 and isinstance(why, str) and len(why) < 1000 for k, why in v.items()),
+             "an object of site names to why each was left alone"),
     "spreads": (lambda v: isinstance(v, dict) and len(v) <= 100_000 and all(
         isinstance(k, str) and len(k) < 1000 and isinstance(p, list) and len(p) == 2 and
         all(type(x) in (int, float) and x > 0 for x in p) for k, p in v.items()),
                 "an object of fusion names to [before, after] spreads"),
 }
-_OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}, "scale": None, "norm": None, "spreads": {}}
+_OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}, "scale": None, "norm": None, "spreads": {},
+             "where": [], "left": {}}
+# One choice of sites (``Where.record``): every field, each a short string, a list of them, or null.
+_CHOICE = {"preset": False, "fusions": True, "place": False, "include": True, "exclude": True, "names": True,
+           "rule": False, "measured": False}
+
+
+def _choice(value: Any) -> bool:
+    def text(v: Any) -> bool:
+        return isinstance(v, str) and len(v) < 1000
+
+    return isinstance(value, dict) and set(value) == set(_CHOICE) and all(
+        value[k] is None or (_names(value[k]) if listed else text(value[k])) for k, listed in _CHOICE.items())
 # A fold step's fields and a per-equalizer record's fields, with their types (an enum: one of its values).
 _STEP = {"site": str, "action": FoldAction, "reason": FoldReason, "consumer": str}
 _RECORD = {"compensation": Compensation}
