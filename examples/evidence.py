@@ -235,9 +235,14 @@ def dataset(name: str, args) -> tuple[tuple, tuple]:
 # One run
 
 
+# Decoder widths: 64 channels, at the scale of the Lite0 encoder (PSPNet's own default is 512 at its one level).
+DECODER = {"UPerNet": {"decoder_channels": 64}, "DeepLabV3Plus": {"decoder_channels": 64},
+           "FPN": {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 64}}
+
+
 def build(model: str, classes: int, encoder: str = "resnet18", pretrained: bool = False) -> torch.nn.Module:
     """The smp model from random weights; with ``pretrained``, the encoder's ImageNet weights (Lite0 only)."""
-    extra = {"decoder_channels": 64} if model == "UPerNet" else {}  # the decoder at the scale of the encoder
+    extra = DECODER.get(model, {})  # the decoder at the scale of the encoder
     built = getattr(smp, model)(encoder, encoder_weights=None, classes=classes, **extra)
     if pretrained:
         from lite0 import load_encoder
@@ -277,7 +282,11 @@ EQUALIZE = {"equalized": {}, "recalibrated": {}, "all": {"branches": "all"}, "pe
             "restore": {"scale": "restore"}}
 
 
-def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
+def run(config: tuple[str, str, str], seed: int, arm: str, args, data, options: dict | None = None,
+        shortcut=None) -> dict:
+    """One training run; its row. ``options``: se.equalize's keyword arguments for this arm (default
+    :data:`EQUALIZE`); ``shortcut(sites)``: given the equalized site names before training, a row that stands for
+    this run without training it (the same sites as a run already made), or None."""
     model_name, opt_name, data_name = config
     classes = CLASSES[data_name]
     (images, masks), test = data
@@ -294,8 +303,13 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
         for x in calibration:
             model(x)
     premise = _premise(model, calibration) if arm == "baseline" else None
-    if arm in EQUALIZE:
-        model = se.equalize(model, (calibration[0],), calibration, progress=False, **EQUALIZE[arm])
+    options = EQUALIZE.get(arm) if options is None else options
+    if options is not None:
+        model = se.equalize(model, (calibration[0],), calibration, progress=False, **options)
+        sites = [eq.name for eq in se.equalizers(model)]
+        done = shortcut(sites) if shortcut is not None else None
+        if done is not None:
+            return {**done, "seconds": round(time.perf_counter() - start, 1), "sites": len(sites)}
     slices = _fusion_slices(model, calibration)
     switch = args.steps // 3 if arm in ("preserve", "recalibrated") else -1
     optimizer, power = _optimizer(opt_name, model, args)
@@ -333,6 +347,8 @@ def run(config: tuple[str, str, str], seed: int, arm: str, args, data) -> dict:
            "machine": f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",
            "preset": args.preset, "encoder": args.encoder, "device": device_name(args.device), "round": 3,
            "version": se.__version__, "commit": COMMIT, "norm": found.norm if found is not None else None}
+    if options is not None:
+        row["sites"] = len(se.equalizers(model))
     if premise is not None:
         row["premise"] = premise
     return row

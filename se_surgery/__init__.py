@@ -29,4 +29,4 @@ __all__ = [
     "calibrate", "describe", "equalize", "equalizers", "export_onnx", "find_sites", "fold", "fold_onnx",
     "narrows", "restore", "scale_report",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

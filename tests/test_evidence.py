@@ -143,3 +143,46 @@ def test_the_report_names_pairs_whose_runs_ran_on_different_machines():
     rows = [row(0, "baseline", "AVX2"), row(0, "equalized", "AVX2"), row(1, "baseline", "AVX2"),
             row(1, "equalized", "AVX512"), row(2, "equalized", "AVX512")]  # seed 2 has no baseline: no pair
     assert evidence.across_machines(rows) == ["PSPNet/sgd/shapes/cpu seed 1 equalized"]
+
+
+ROUND4 = ROOT / "examples" / "round4.py"
+
+
+def _round4():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import round4
+
+    return round4
+
+
+def test_round4_holm_and_the_decision_rule_on_set_numbers():
+    r4 = _round4()
+    adjusted = r4.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005})
+    assert adjusted == pytest.approx({"d": 0.02, "a": 0.03, "c": 0.06, "b": 0.06})
+    configs = [("M", "x"), ("M", "y")]
+    arms = {a: [0.0] for a in r4.PLACEMENTS}
+    table = {c: {**arms, "every": [-0.05, -0.04, -0.06], "paper": [0.01, 0.02, 0.015], "final": [0.03, -0.03, 0.0]}
+             for c in configs}
+    significant = {(c, a): 0.001 for c in configs for a in ("every", "paper")}
+    assert r4.ranking(table, significant)[0] == "paper"  # never below 0, the highest mean of those
+    best, why = r4.verdict(table, significant)
+    assert best == "paper" and "above the baseline in 2 of 2" in why
+    losing = {c: {**table[c], **{a: [-0.02, -0.03, -0.025] for a in r4.PLACEMENTS}} for c in configs}
+    best, why = r4.verdict(losing, {(c, a): 0.001 for c in configs for a in r4.PLACEMENTS})
+    assert best == "every" and "no placement gains reliably" in why  # all tie: the order decides
+
+
+@pytest.mark.slow
+def test_round4_quick_runs_its_groups_pairs_within_the_machine_and_reports(tmp_path):
+    done = subprocess.run([sys.executable, str(ROUND4), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(tmp_path / "rows-all.jsonl")
+    ids = {r["id"]: r for r in rows}
+    assert all(r["round"] == 4 and r["commit"] and "dirty" in r and "torch" in r["machine"] for r in rows)
+    assert all(ids[r["baseline_id"]]["machine"] == r["machine"] for r in rows if r["arm"] != "baseline")
+    fpn = {r["arm"] for r in rows if r["model"] == "FPN"}
+    assert fpn == {"baseline", "every", "measured", "all"}  # paper = final = every, cat picks none
+    assert any(r["steps"] == 8 for r in rows)  # the long phase, planned once the main phase was complete
+    text = (tmp_path / "results.md").read_text()
+    assert "Holm-adjusted p" in text and "Decision rule (final)" in text and "Provenance:" in text
