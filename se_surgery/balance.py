@@ -48,7 +48,8 @@ class Spread:
 
 
 def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: set[str], data: Iterable, *,
-             form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None
+             form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None,
+             frozen: frozenset[str] | None = None
              ) -> tuple[list[Site], dict[str, tuple[RunningMoments, RunningMoments]]]:
     """Every input branch of ``fusions``, measured on a copy of ``model`` over at most :data:`PREMISE_BATCHES`
     batches: (the branches' sites, per site name the moments of the equalizer's input and output). A branch
@@ -59,6 +60,8 @@ def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: s
     for eq in attach(probe, extra):
         eq.set_statistics(torch.zeros_like(eq.mean), torch.ones_like(eq.std))  # measuring points: identity
     registry(probe).input_form = form
+    if frozen is not None:
+        registry(probe).frozen_norms = frozen
     seen = {eq.site.name: (RunningMoments(), RunningMoments()) for eq in equalizers(probe)}
 
     def watch(eq, inputs, out):
@@ -81,14 +84,15 @@ def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: s
 
 
 def branch_scales(model: nn.Module, program: torch.export.ExportedProgram, sites: list[Site], data: Iterable, *,
-                  form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None
-                  ) -> list[FusionScales]:
+                  form: tuple, norm: str, frozen: frozenset[str], max_batches: int | None,
+                  input_fn: InputFn | None) -> list[FusionScales]:
     """What the fusions of ``sites`` receive before any equalizer acts, measured on a copy of ``model`` with an
     identity equalizer at every input of those fusions (for a measured choice of sites: :mod:`se_surgery.where`).
-    ``form``: how a batch maps to the model's inputs (the registry's ``input_form``)."""
+    ``form``: how a batch maps to the model's inputs (the registry's ``input_form``); ``frozen``: the norm layers
+    that keep their running statistics under ``norm="batch"``."""
     fusions = {s.joins: s for s in sites}
     branches, seen = _measure(model, program, set(fusions), data, form=form, norm=norm, max_batches=max_batches,
-                              input_fn=input_fn)
+                              input_fn=input_fn, frozen=frozen)
     found = []
     for fusion, site in fusions.items():
         at = [s for s in branches if s.joins == fusion]

@@ -26,7 +26,7 @@ from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
 from .install import equalizers, reattach
-from .modes import norm_mode, resolve_norm, running_norms, untrained_norms
+from .modes import frozen_norms, norm_mode, resolve_norm, running_norms, untrained_norms
 from .state import registry
 
 InputFn = Callable[[Any], Any]
@@ -203,7 +203,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
         eq.observer = _ignore
     seen = 0
     try:
-        with norm_mode(model, norm), torch.no_grad():
+        with norm_mode(model, norm, registry(model).frozen_norms), torch.no_grad():
             for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=progress,
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
@@ -317,7 +317,8 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     reg = registry(model)
     scale = scale if scale is not None else reg.scale or "unit"
     run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn, scale=scale,
-               norm=norm if norm is not None else reg.norm or "auto")
+               norm=norm if norm is not None else reg.norm or "auto",
+               frozen=reg.frozen_norms if norm is None and reg.norm is not None else None)
     return model
 
 
@@ -375,12 +376,15 @@ TARGET_RANGE = (0.5, 2.0)
 
 def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, max_batches: int | None,
                progress: bool, input_fn: InputFn | None, scale: str = "unit", norm: str = "auto",
-               after_level: Callable | None = None) -> None:
-    """Calibrate ``eqs`` level by level, one pass over ``data`` per level, with the norm layers as ``norm`` says;
-    record the scale and the norm mode on the model; check the outputs in the other norm mode."""
+               frozen: frozenset[str] | None = None, after_level: Callable | None = None) -> None:
+    """Calibrate ``eqs`` level by level, one pass over ``data`` per level, with the norm layers as ``norm`` says
+    (``frozen``: the layers that keep their running statistics under batch statistics; None: as
+    :func:`~se_surgery.modes.frozen_norms` finds them now); record the scale and the norm mode on the model; check
+    the outputs in the other norm mode."""
     check_scale(scale, eqs)
     if isinstance(data, Iterator):
         data = Replay(data)
+    registry(model).frozen_norms = frozen_norms(model, norm) if frozen is None else frozen
     chosen = choose_norm(model, norm, data, input_fn)
     switched = chosen != resolve_norm(model, norm)  # "auto" met untrained running statistics: no eval mode to check
     norm = chosen
@@ -405,7 +409,7 @@ def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data
     (they act after their resize meanwhile), the norm layers as ``norm`` says, under ``torch.no_grad()``."""
     hooks = [eq.register_forward_hook(hook) for eq in eqs]
     try:
-        with norm_mode(model, norm), torch.no_grad():
+        with norm_mode(model, norm, registry(model).frozen_norms), torch.no_grad():
             for _index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
                                                     desc="measuring", input_fn=input_fn):
                 run_batch(model, args, kwargs, norm)

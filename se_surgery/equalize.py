@@ -19,7 +19,7 @@ from .errors import SiteMismatchError, UsageError, warn
 from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
 from .install import attach, equalizers, reattach
-from .modes import copy_model, eval_mode, resolve_norm
+from .modes import copy_model, eval_mode, frozen_norms, resolve_norm
 from .site import Site, own_forwards
 from .state import Compensation, registry
 from .where import Where, choose, choose_measured, resolve
@@ -125,8 +125,8 @@ def equalize(
         if isinstance(calibration_data, Iterator):  # read once: measuring, the levels and the spreads replay it
             calibration_data = Replay(calibration_data)
         scales = branch_scales(target, program, sites, calibration_data, form=form,
-                               norm=choose_norm(target, norm, calibration_data, input_fn), max_batches=max_batches,
-                               input_fn=input_fn)
+                               norm=choose_norm(target, norm, calibration_data, input_fn),
+                               frozen=frozen_norms(target, norm), max_batches=max_batches, input_fn=input_fn)
         sites, more = choose_measured(sites, choice, scales)
         left.update(more)
         if not sites:

@@ -39,6 +39,7 @@ class ScaleEqualizer(nn.Module):
         self.observer: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
         self.compensation = Compensation.NONE  # what preserve_function did at this site (see equalize.py)
         self.fold: FoldStep | None = None      # what fold() did here: the one record (folded statistics stay frozen)
+        self.stale: str | None = None          # why the statistics no longer describe the weights (a later load)
         self.register_load_state_dict_post_hook(_sync_calibrated)
 
     @property
@@ -64,7 +65,13 @@ class ScaleEqualizer(nn.Module):
         self.mean.copy_(mean.reshape(self.mean.shape))
         self.std.copy_(std.reshape(self.std.shape))
         self.calibrated.fill_(True)
-        self.is_calibrated = True
+        self.is_calibrated, self.stale = True, None
+
+    def mark_stale(self, reason: str) -> None:
+        """The weights upstream changed after calibration: uncalibrated (the statistics kept, unused) until
+        calibrated again, with ``reason`` in the refusal."""
+        self.calibrated.fill_(False)
+        self.is_calibrated, self.stale = False, reason
 
     def reset(self) -> None:
         """Back to uncalibrated (mean 0, std 1): the model refuses to run until calibrated again."""
@@ -84,6 +91,10 @@ class ScaleEqualizer(nn.Module):
             self.observer(x, source)
             return x
         if not self.is_calibrated:
+            if self.stale:
+                raise NotCalibratedError(f"ScaleEqualizer at {self.name}: {self.stale}, so its statistics describe "
+                                         f"the old weights. Call se_surgery.calibrate(model, data) before running "
+                                         f"the model.")
             raise NotCalibratedError(
                 f"ScaleEqualizer at {self.name} is not calibrated: call se_surgery.calibrate(model, data) "
                 f"(or pass calibration_data to se_surgery.equalize) before running the model."

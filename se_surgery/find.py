@@ -360,12 +360,15 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
     order = {node: i for i, node in enumerate(graph.nodes)}
     found.sort(key=lambda item: order[item[0]])
     names = {node: Site(level=0, **info).name for node, info in found}
+    params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     sites, levels = [], {}
     for node, info in found:
         before = _closure(node, lambda n: n.all_input_nodes)
         upstream = [other for other, _ in found if other in before and other is not node]
         levels[node] = 1 + max((levels[o] for o in upstream), default=-1)
-        sites.append(Site(level=levels[node], upstream=frozenset(names[o] for o in upstream), **info))
+        weights = frozenset(params[n.name] for n in before if n.op == "placeholder" and n.name in params)
+        sites.append(Site(level=levels[node], upstream=frozenset(names[o] for o in upstream), weights=weights,
+                          **info))
     return sites
 
 

@@ -28,7 +28,8 @@ from .dispatch import (
     replaced_owners,
 )
 from .equalizer import ScaleEqualizer
-from .errors import UsageError
+from .errors import UsageError, warn
+from .modes import running_norms
 from .site import Site, own_forwards
 from .state import EqualizerRegistry, OwnerSites, registry
 
@@ -130,6 +131,8 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         model.scale_equalizers = reg
         model.register_forward_pre_hook(_enter_model, prepend=True)
         model.register_forward_hook(_leave_model, always_call=True)
+    if not any(getattr(h, "hook", None) is _check_load for h in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_check_load)
     ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     added = []
     for site in sites:
@@ -149,6 +152,37 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         added.append(equalizer)
     _sync_callees(model)
     return added
+
+
+def _check_load(model: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """``load_state_dict`` pre-hook of an equalized model: where the load changes weights upstream of calibrated
+    equalizers and brings no statistics for them (``scale_equalizers.*``), their statistics describe the old
+    weights. Mark those equalizers stale (they refuse to run until calibrated again) and say so now."""
+    reg = registry(model)
+    if reg is None or not len(reg) or any(k.startswith(prefix + "scale_equalizers.") for k in state_dict):
+        return
+    current = model.state_dict()
+    changed = set()
+    for key, value in state_dict.items():
+        now = current.get(key[len(prefix):]) if key.startswith(prefix) else None
+        if isinstance(now, torch.Tensor) and isinstance(value, torch.Tensor) and (
+                now.shape != value.shape or not torch.equal(now, value.to(now.device, now.dtype))):
+            changed.add(key[len(prefix):])
+    if reg.norm == "batch":  # calibrated on batch statistics: these layers' running statistics played no part
+        changed -= {f"{name}.{buffer}" for name, _ in running_norms(model) if name not in reg.frozen_norms
+                    for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+    stale = [eq for eq in reg.values() if eq.is_calibrated and not eq.folded and changed & eq.site.weights]
+    if not stale:
+        return
+    shown = sorted(changed & set().union(*(eq.site.weights for eq in stale)))
+    names = f"{', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}"
+    for eq in stale:
+        eq.mark_stale(f"load_state_dict changed {len(shown)} weight(s) upstream of it ({names}) and brought no "
+                      f"statistics")
+    warn(f"se_surgery: load_state_dict changed {len(shown)} weight(s) upstream of {len(stale)} of the "
+         f"{len(reg)} equalizer(s) of {type(model).__name__} ({names}) and brought no statistics for them: theirs "
+         f"describe the old weights, so they refuse to run until se_surgery.calibrate(model, data) measures them "
+         f"again (or load a state_dict that holds the scale_equalizers.* entries too).")
 
 
 def _guard_compiled_code() -> None:

@@ -45,13 +45,23 @@ def resolve_norm(model: nn.Module, norm: str, training: bool | None = None) -> s
     return ("batch" if training else "running") if norm == "auto" else norm
 
 
+def frozen_norms(model: nn.Module, norm: str) -> frozenset[str]:
+    """The norm layers that keep their running statistics while the others take batch statistics: with
+    ``norm="auto"`` on a model in training mode, those the user put in eval mode (frozen, as mmsegmentation's
+    ``norm_eval`` and most fine-tuning recipes do), which is how training will run them; else none."""
+    if norm != "auto" or not model.training:
+        return frozenset()
+    return frozenset(name for name, m in running_norms(model) if not m.training)
+
+
 @contextlib.contextmanager
-def norm_mode(model: nn.Module, norm: str) -> Iterator[nn.Module]:
+def norm_mode(model: nn.Module, norm: str, frozen: frozenset[str] = frozenset()) -> Iterator[nn.Module]:
     """The model in eval mode (no dropout, no drop-path) inside the block; with ``norm="batch"``, its norm layers
-    with running statistics normalise with each batch's statistics as in training, and their running statistics
-    and ``num_batches_tracked`` are put back bit for bit afterwards. Every ``training`` flag is restored."""
+    with running statistics (but the ``frozen`` ones, by name) normalise with each batch's statistics as in training,
+    and their running statistics and ``num_batches_tracked`` are put back bit for bit afterwards. Every
+    ``training`` flag is restored."""
     with eval_mode(model):
-        layers = [m for _, m in running_norms(model)] if norm == "batch" else []
+        layers = [m for name, m in running_norms(model) if name not in frozen] if norm == "batch" else []
         saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
                  for m in layers]
         for m in layers:

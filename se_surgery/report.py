@@ -29,7 +29,7 @@ from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .install import equalizers
 from .integrations.zoo import main_logits
-from .modes import norm_mode
+from .modes import frozen_norms, norm_mode
 from .ops import NOUNS
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 from .where import Where, choice_text, choose, resolve
@@ -116,6 +116,10 @@ def describe(model: nn.Module) -> str:
         foot += f"; preserve_function moved the output by {reg.output_change:.3g} (relative)"
     if reg.norm is not None:
         foot += (f"\ncalibrated to the {reg.scale} scale with {_NORMS[reg.norm]}")
+        if reg.frozen_norms and reg.norm == "batch":
+            shown = sorted(reg.frozen_norms)
+            foot += (f", but {len(shown)} frozen norm layer(s) on their running statistics, as training runs them "
+                     f"({', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''})")
     if reg.spreads:
         wider = [f for f, (before, after) in reg.spreads.items() if after > before * WIDER]
         foot += ("\nbranch std spread per fusion (largest / smallest, before -> after equalizing, measured on the "
@@ -374,6 +378,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     check_attached(model)
     reg = registry(model)
     requested = norm if norm is not None else reg is not None and reg.norm or "auto"
+    frozen = (reg.frozen_norms if norm is None and reg is not None and reg.norm else frozen_norms(model, requested))
     probe = copy.deepcopy(model).eval()  # (equalize captures it in eval mode; measured below in the norm mode)
     own = {eq.site.name for eq in equalizers(probe) if eq.is_calibrated}
     choice = resolve(where) if where is not None else None
@@ -411,7 +416,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
     labels = iter(targets) if targets is not None else repeat(None)
     for _index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
                                             desc="measuring scales", input_fn=input_fn):
-        with torch.set_grad_enabled(bool(weights)), norm_mode(probe, norm):
+        with torch.set_grad_enabled(bool(weights)), norm_mode(probe, norm, frozen):
             logits = main_logits(run_batch(probe, args, kwargs, norm))
             if weights:
                 target = next(labels, None)

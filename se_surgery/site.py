@@ -62,6 +62,7 @@ class Site:
     line_calls: int             # how many such calls the graph makes from that line in one call of the owner
     upstream: frozenset[str] = field(default_factory=frozenset)
     joins: str = ""             # the fusion this branch enters first, as ``owner.callN_fusionK`` (for reports)
+    weights: frozenset[str] = field(default_factory=frozenset)  # state_dict keys the equalized tensor depends on
     place: str = "final"        # that fusion's place: "chained" where its output reaches another fusion that takes
                                 # an equalized branch (a top-down path), "final" where it reaches none
 

@@ -116,6 +116,7 @@ class EqualizerRegistry(nn.ModuleDict):
         self.recipe: dict = {}                       # how equalize was called: what restore needs
         self.scale: str | None = None                # how the statistics were calibrated: "unit" or "restore",
         self.norm: str | None = None                 # and with "batch" or "running" norm statistics (None: never)
+        self.frozen_norms: frozenset[str] = frozenset()  # under "batch": the norm layers kept on running statistics
         self.spreads: dict[str, list[float]] = {}    # fusion -> its branches' std spread [before, after] equalizing
 
     @property
@@ -127,7 +128,7 @@ class EqualizerRegistry(nn.ModuleDict):
 
     def get_extra_state(self) -> torch.Tensor:
         state = dict(self.recipe, version=VERSION, output_change=self.output_change, scale=self.scale, norm=self.norm,
-                     spreads=self.spreads,
+                     frozen_norms=sorted(self.frozen_norms), spreads=self.spreads,
                      folds=[{"site": s.site, "action": str(s.action), "reason": str(s.reason),
                              "consumer": s.consumer} for s in self.folds],
                      equalizers={name: {"compensation": str(eq.compensation)} for name, eq in self.items()})
@@ -146,6 +147,7 @@ class EqualizerRegistry(nn.ModuleDict):
                              f"(se_surgery.restore); nothing was loaded.")
         self.output_change = state.pop("output_change")
         self.scale, self.norm, self.spreads = state.pop("scale"), state.pop("norm"), state.pop("spreads")
+        self.frozen_norms = frozenset(state.pop("frozen_norms"))
         self.folded_away = []
         for s in state.pop("folds"):
             step = FoldStep(s["site"], FoldAction(s["action"]), FoldReason(s["reason"]), s["consumer"])
@@ -277,6 +279,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "equalizers": (lambda v: isinstance(v, dict), "an object of per-equalizer records"),
     "scale": (lambda v: v in (None, "unit", "restore"), "'unit', 'restore' or null"),
     "norm": (lambda v: v in (None, "batch", "running"), "'batch', 'running' or null"),
+    "frozen_norms": (_names, "a list of norm layer names"),
     "where": (lambda v: isinstance(v, list) and len(v) <= 1000 and all(map(_choice, v)),
               "a list of site choices (preset, fusions, place, include, exclude, names, rule, measured)"),
     "left": (lambda v: isinstance(v, dict) and len(v) <= 100_000 and all(
@@ -288,7 +291,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
                 "an object of fusion names to [before, after] spreads"),
 }
 _OPTIONAL = {"output_change": None, "folds": [], "equalizers": {}, "scale": None, "norm": None, "spreads": {},
-             "where": [], "left": {}}
+             "where": [], "left": {}, "frozen_norms": []}
 # One choice of sites (``Where.record``): every field, each a short string, a list of them, or null.
 _CHOICE = {"preset": False, "fusions": True, "place": False, "include": True, "exclude": True, "names": True,
            "rule": False, "measured": False}

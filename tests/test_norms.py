@@ -3,6 +3,7 @@ statistics (``norm="running"``), the default that follows the model's mode, the 
 the checks that keep a model from going NaN later, and the message where equalizing drives a fusion's branches
 further apart (the paper's premise does not hold)."""
 
+import statistics
 import warnings
 
 import pytest
@@ -232,3 +233,123 @@ def test_lraspp_with_random_weights_trains_without_nan_right_after_equalizing():
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[0] < 10
+
+
+class FrozenBN(nn.Module):
+    """The toy of issue 37: a BatchNorm on the coarse branch, warmed on other data (running statistics far from
+    the batch's), then frozen by the user inside a model that trains."""
+
+    def __init__(self, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.pa, self.pb, self.bn, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), norm(4), \
+            nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        u = F.interpolate(torch.relu(self.bn(self.pb(x))), scale_factor=2, mode="bilinear")
+        return self.fuse(torch.cat([self.pa(x), u], 1))
+
+
+class NormEval(FrozenBN):
+    """mmsegmentation's ``norm_eval``: ``train()`` puts the norm layers back in eval mode."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+def _equalizer_std_in_training(model, data, freeze):
+    """The equalizer's output std as the user's training forward (with its frozen layers) sees it."""
+    outs = []
+    hook = se.equalizers(model)[0].register_forward_hook(lambda _m, _i, out: outs.append(out.std().item()))
+    model.train()
+    freeze(model)
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    hook.remove()
+    return statistics.mean(outs)
+
+
+@pytest.mark.parametrize("make, freeze", [
+    (FrozenBN, lambda m: m.bn.eval()),   # a BN put in eval mode inside a training model
+    (NormEval, lambda m: None),          # mmseg-style norm_eval
+])
+def test_norm_auto_follows_each_norm_layer_s_own_mode(make, freeze):
+    data = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    model = make().train()
+    with torch.no_grad():
+        for x in data:
+            model(x * 2 + 0.5)  # running statistics of other data
+    freeze(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(model, (data[0],), data, progress=False)
+    assert registry(eq).norm == "batch" and registry(eq).frozen_norms == {"bn"}
+    assert _equalizer_std_in_training(eq, data, freeze) == pytest.approx(1, abs=0.05)
+    assert "1 frozen norm layer(s) on their running statistics, as training runs them (bn)" in se.describe(eq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        se.calibrate(eq, data, progress=False)  # keeps the choice
+        back = se.restore(make(), eq.state_dict())
+    assert registry(eq).frozen_norms == registry(back).frozen_norms == {"bn"}
+    forced = se.equalize(model, (data[0],), data, progress=False, norm="batch")  # explicit: every layer on batches
+    assert registry(forced).frozen_norms == frozenset()
+    assert _equalizer_std_in_training(forced, data, freeze) < 0.9
+
+
+def test_torchvision_frozen_batchnorm_keeps_its_statistics():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    data = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    model = FrozenBN(FrozenBatchNorm2d).train()
+    model.bn.running_mean.fill_(0.3)
+    model.bn.running_var.fill_(4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(model, (data[0],), data, progress=False)
+    assert _equalizer_std_in_training(eq, data, lambda m: None) == pytest.approx(1, abs=0.05)
+
+
+def test_weights_loaded_after_equalizing_mark_the_statistics_stale_until_calibrated():
+    data = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(FrozenBN().train(), (data[0],), data, progress=False)
+    downstream = {k: v for k, v in FrozenBN().state_dict().items() if k.startswith("fuse.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # weights after the site: the statistics still hold, nothing said
+        eq.load_state_dict(downstream, strict=False)
+        eq.load_state_dict({k: v for k, v in eq.state_dict().items() if "scale_equalizers" not in k}, strict=False)
+    eq(data[0])
+    pretrained = FrozenBN().state_dict()
+    with pytest.warns(UserWarning, match=r"load_state_dict changed 2 weight\(s\) upstream of 1 of the 1 "
+                                         r"equalizer\(s\) of FrozenBN \(pb.bias, pb.weight\).*se_surgery.calibrate"):
+        missing = eq.load_state_dict(pretrained, strict=False).missing_keys
+    assert all(k.startswith("scale_equalizers.") for k in missing)
+    with pytest.raises(se.NotCalibratedError, match="changed 2 weight.*upstream of it.*se_surgery.calibrate"):
+        eq(data[0])
+    assert "uncalibrated" in se.describe(eq)
+    se.calibrate(eq, data, progress=False)
+    assert _equalizer_std_in_training(eq, data, lambda m: None) == pytest.approx(1, abs=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = se.equalize(FrozenBN().train(), (data[0],), data, progress=False).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole state_dict brings its own statistics
+        eq.load_state_dict(other)
+
+
+@pytest.mark.slow
+def test_pretrained_weights_loaded_into_an_equalized_smp_pspnet_are_detected():
+    data = [torch.randn(2, 3, 128, 128) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(BUILDERS["smp_PSPNet"]().train(), (data[0],), data, progress=False)
+    other = BUILDERS["smp_PSPNet"]().state_dict()
+    with pytest.warns(UserWarning, match="upstream of 4 of the 4 equalizer"):
+        eq.load_state_dict(other, strict=False)
+    with pytest.raises(se.NotCalibratedError, match="load_state_dict changed"):
+        eq(data[0])
