@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
-from .errors import CalibrationError, UsageError, warn
+from .errors import CalibrationError, SeSurgeryError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
 from .install import equalizers, reattach
-from .modes import frozen_norms, norm_mode, resolve_norm, running_norms, untrained_norms
+from .modes import frozen_norms, norm_mode, outside_inference_mode, resolve_norm, running_norms, untrained_norms
 from .state import registry
 
 InputFn = Callable[[Any], Any]
@@ -162,6 +162,22 @@ def check_scale(scale: str, eqs: list[ScaleEqualizer]) -> None:
                          f"Use scale='unit' with branches='all', or equalize with branches='upsampled'.")
 
 
+def check_batches(max_batches: Any) -> None:
+    """A :class:`~se_surgery.UsageError` for a ``max_batches`` that is not None or a positive int."""
+    if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
+        raise UsageError(f"max_batches={max_batches!r}: give a whole number of batches, 1 or more, or None for all.")
+
+
+def replayable(data: Iterable) -> Iterable:
+    """``data`` as every pass reads it from its start: lists, tuples and DataLoaders over map-style datasets as they
+    are; anything else (iterators, streams, readers whose ``__iter__`` drains them) read once, lazily, its batches
+    kept and replayed by later passes."""
+    if isinstance(data, (list, tuple, Replay)) or isinstance(data, torch.utils.data.DataLoader) and \
+            not isinstance(data.dataset, torch.utils.data.IterableDataset):
+        return data
+    return Replay(data)
+
+
 def check_data(data: Any) -> None:
     """A :class:`~se_surgery.UsageError` for calibration data that cannot be batches at all."""
     if data is None or isinstance(data, (torch.Tensor, str, bytes, Mapping)) or \
@@ -178,12 +194,22 @@ def input_batches(model: nn.Module, data: Iterable, *, max_batches: int | None, 
         raise CalibrationError(f"calibration data is a {type(data).__name__}, which yields single samples: wrap it "
                                f"in a DataLoader(dataset, batch_size=...) to give batches.")
     form, device = registry(model).input_form, model_device(model)
-    total = len(data) if hasattr(data, "__len__") else None
+    try:
+        total = len(data) if hasattr(data, "__len__") else None
+    except TypeError:  # a DataLoader over an IterableDataset without __len__ (a stream)
+        total = None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     batches = itertools.islice(data, max_batches)
     for index, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)):
-        inputs = batch_inputs(input_fn(batch) if input_fn is not None else batch, form, index)
+        if input_fn is not None:
+            try:
+                batch = input_fn(batch)
+            except Exception as error:
+                raise CalibrationError(f"input_fn raised on calibration batch {index}: {type(error).__name__}: "
+                                       f"{error}. It gets one batch as the data yields it and returns the model's "
+                                       f"inputs (a tensor, a tuple or a dict).") from error
+        inputs = batch_inputs(batch, form, index)
         args, kwargs = to_device(inputs, device)
         yield index, args, kwargs
 
@@ -208,7 +234,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
-                run_batch(model, args, kwargs, norm)
+                run_batch(model, args, kwargs, norm, index)
                 seen += 1
     finally:
         for eq in targets + waiting:
@@ -236,18 +262,28 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     return {eq.name: obs.target() for eq, obs in zip(targets, observers)}
 
 
-def run_batch(model: nn.Module, args: tuple, kwargs: dict, norm: str) -> Any:
-    """One forward; with ``norm="batch"``, torch's refusal of a one-value batch statistic says what to do."""
+def run_batch(model: nn.Module, args: tuple, kwargs: dict, norm: str, index: int | None = None) -> Any:
+    """One forward of calibration batch ``index``; a batch the model cannot take is a :class:`CalibrationError`
+    that names the batch, what it held and what to do."""
     try:
         return model(*args, **kwargs)
-    except ValueError as error:
-        if norm != "batch" or "Expected more than 1 value per channel" not in str(error):
-            raise
+    except SeSurgeryError:
+        raise
+    except Exception as error:
+        if norm == "batch" and "Expected more than 1 value per channel" in str(error):
+            raise CalibrationError(
+                f"norm='batch' measures with the norm layers normalising each batch with its own statistics, as in "
+                f"training, and a BatchNorm here meets one value per channel ({error}): calibrate on batches of at "
+                f"least 2 samples, as training uses, or pass norm='running' (the running statistics, as in eval "
+                f"mode).") from error
+        shown = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if isinstance(t, torch.Tensor)
+                          else type(t).__name__ for t in [*args, *kwargs.values()])
         raise CalibrationError(
-            f"norm='batch' measures with the norm layers normalising each batch with its own statistics, as in "
-            f"training, and a BatchNorm here meets one value per channel ({error}): calibrate on batches of at "
-            f"least 2 samples, as training uses, or pass norm='running' (the running statistics, as in eval "
-            f"mode).") from error
+            f"calibration batch {'?' if index is None else index} did not run through {type(model).__name__} "
+            f"(its inputs: {shown}): {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}. "
+            f"The calibration data must give what the model takes in training: floating-point images with the "
+            f"model's channels, the input first in (input, label) pairs; pass input_fn=... where batches are "
+            f"laid out otherwise.") from error
 
 
 def _frozen_statistics(eq: ScaleEqualizer, moments: RunningMoments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +313,7 @@ def _ignore(_x: torch.Tensor, _source: torch.Tensor | None) -> None:
     pass
 
 
+@outside_inference_mode
 def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None, progress: bool = True,
               input_fn: InputFn | None = None, scale: str | None = None, norm: str | None = None) -> nn.Module:
     """(Re)measure every equalizer of an equalized model on ``data``, level by level; returns the model.
@@ -308,6 +345,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     if not eqs:
         raise UsageError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")
     check_data(data)
+    check_batches(max_batches)
     reattach(model)  # a replaced owner module gets its equalizers back, to be measured again below
     folded = [eq.name for eq in eqs if eq.folded]
     if folded:
@@ -359,9 +397,9 @@ def ran_norms(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> set
     hooks = [m.register_forward_pre_hook(lambda m, _a: ran.add(id(m))) for _, m in running_norms(model)]
     try:
         with norm_mode(model, "running"), torch.no_grad(), bypassed():
-            for _index, args, kwargs in input_batches(model, data, max_batches=1, progress=False, desc="probing",
-                                                    input_fn=input_fn):
-                model(*args, **kwargs)
+            for index, args, kwargs in input_batches(model, data, max_batches=1, progress=False, desc="probing",
+                                                   input_fn=input_fn):
+                run_batch(model, args, kwargs, "running", index)
     finally:
         for hook in hooks:
             hook.remove()
@@ -382,8 +420,7 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
     :func:`~se_surgery.modes.frozen_norms` finds them now); record the scale and the norm mode on the model; check
     the outputs in the other norm mode."""
     check_scale(scale, eqs)
-    if isinstance(data, Iterator):
-        data = Replay(data)
+    data = replayable(data)
     registry(model).frozen_norms = frozen_norms(model, norm) if frozen is None else frozen
     chosen = choose_norm(model, norm, data, input_fn)
     switched = chosen != resolve_norm(model, norm)  # "auto" met untrained running statistics: no eval mode to check
@@ -410,9 +447,9 @@ def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data
     hooks = [eq.register_forward_hook(hook) for eq in eqs]
     try:
         with norm_mode(model, norm, registry(model).frozen_norms), torch.no_grad():
-            for _index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
-                                                    desc="measuring", input_fn=input_fn):
-                run_batch(model, args, kwargs, norm)
+            for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
+                                                   desc="measuring", input_fn=input_fn):
+                run_batch(model, args, kwargs, norm, index)
     finally:
         for handle in hooks:
             handle.remove()
@@ -459,13 +496,15 @@ _NORM_TEXT = {"batch": "with batch statistics (as training sees them)",
 
 
 class Replay:
-    """A one-shot iterator read once, lazily; the batches read are kept and replayed by later passes."""
+    """An iterable read once, lazily; the batches read are kept and replayed by later passes."""
 
-    def __init__(self, source: Iterator) -> None:
-        self.source, self.kept = source, []
+    def __init__(self, source: Iterable) -> None:
+        self.source, self.kept, self.reader = source, [], None
 
     def __iter__(self) -> Iterator:
         yield from self.kept
-        for batch in self.source:
+        if self.reader is None:
+            self.reader = iter(self.source)
+        for batch in self.reader:
             self.kept.append(batch)
             yield batch

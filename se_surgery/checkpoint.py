@@ -35,6 +35,9 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, Any]:
     runs), a ``save_pretrained`` folder (transformers, smp; sharded too), or an ``se-surgery equalize -o`` file."""
     if isinstance(source, Mapping):
         state = dict(source)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise UsageError(f"a checkpoint is a state_dict (a mapping), a file or a save_pretrained folder (a str or "
+                         f"path), not a {type(source).__name__}.")
     else:
         path = Path(source)
         if path.is_dir():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -11,20 +11,21 @@ from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .balance import branch_scales, record, spreads, warn_wider
-from .calibrate import InputFn, Replay, check_data, check_scale, choose_norm, run_levels
+from .calibrate import InputFn, check_batches, check_data, check_scale, choose_norm, replayable, run_levels
 from .capture import capture
 from .dispatch import bypassed
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError, warn
 from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
-from .install import attach, equalizers, reattach
-from .modes import copy_model, eval_mode, frozen_norms, resolve_norm
+from .install import attach, detach, equalizers, reattach
+from .modes import copy_model, eval_mode, frozen_norms, outside_inference_mode, resolve_norm
 from .site import Site, own_forwards
 from .state import Compensation, registry
 from .where import Where, choose, choose_measured, resolve
 
 
+@outside_inference_mode
 def equalize(
     model: nn.Module,
     example_inputs: ExampleInputs | None = None,
@@ -77,6 +78,10 @@ def equalize(
     Returns:
         The model (a copy unless ``inplace``): same class and call signature, plus ``model.scale_equalizers``.
     """
+    check_batches(max_batches)
+    for flag, value in (("per_channel", per_channel), ("preserve_function", preserve_function), ("inplace", inplace)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{flag}={value!r}: give True or False.")
     choice = resolve(where)
     if choice.measured is not None and (calibration_data is None or scale != "unit" or branches != "upsampled"):
         raise UsageError(f"{choice} decides on the branch scales measured on calibration_data, at the unit scale, "
@@ -122,8 +127,7 @@ def equalize(
     form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
     if choice.measured is not None:
         check_data(calibration_data)
-        if isinstance(calibration_data, Iterator):  # read once: measuring, the levels and the spreads replay it
-            calibration_data = Replay(calibration_data)
+        calibration_data = replayable(calibration_data)  # read once: measuring, the levels and the spreads replay it
         scales = branch_scales(target, program, sites, calibration_data, form=form,
                                norm=choose_norm(target, norm, calibration_data, input_fn),
                                frozen=frozen_norms(target, norm), max_batches=max_batches, input_fn=input_fn)
@@ -138,6 +142,12 @@ def equalize(
         raise UsageError(f"{type(model).__name__} is already equalized at {', '.join(clash[:4])}, which {choice} "
                          f"leaves alone ({left[clash[0]]}). To change where it is equalized, equalize the model "
                          f"without equalizers (the one you started from) with this choice; nothing was changed.")
+    if calibration_data is not None:
+        check_data(calibration_data)
+        calibration_data = replayable(calibration_data)  # read once: the levels and the spreads replay what was read
+    reg = registry(target)
+    before = (reg.recipe, reg.input_form) if reg is not None else None
+    weights = {k: v.clone() for k, v in target.state_dict().items()} if inplace and preserve_function else None
     renewed = reattach(target)  # an equalized model whose owner module was replaced: equalize the new module
     added = attach(target, sites, per_channel=per_channel, train_calls=_training_calls(target, example_inputs,
                                                                                        program))
@@ -145,9 +155,28 @@ def equalize(
         warn(f"se_surgery: {type(model).__name__} is already equalized at all {len(sites)} sites; "
              f"nothing added.")
         return target
-    added += renewed
+    try:
+        _finish(target, added + renewed, args, kwargs, calibration_data, choice, left, per_channel=per_channel,
+                branches=branches, scale=scale, norm=norm, preserve_function=preserve_function,
+                max_batches=max_batches, progress=progress, input_fn=input_fn, program=program)
+    except BaseException:
+        if inplace:  # the user's model as it was: the new equalizers out, the weights preserve_function moved back
+            for eq in added:
+                detach(target, eq)
+            if before is not None:
+                registry(target).recipe, registry(target).input_form = before
+            if weights is not None:
+                target.load_state_dict(weights, strict=False)
+        raise
+    return target
+
+
+def _finish(target: nn.Module, added: list[ScaleEqualizer], args, kwargs, calibration_data, choice: Where,
+            left: dict[str, str], *, per_channel: bool, branches: str, scale: str, norm: str, preserve_function: bool,
+            max_batches: int | None, progress: bool, input_fn: InputFn | None, program) -> None:
+    """Record the recipe, verify the new equalizers against the graph, calibrate them, measure the spreads."""
     reg = registry(target)
-    reg.input_form = form
+    reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
     tensors = [*args, *kwargs.values()]
     if all(isinstance(t, torch.Tensor) for t in tensors):  # what restore() needs to find the same sites again
         chosen = {eq.name for eq in equalizers(target)}
@@ -164,10 +193,7 @@ def equalize(
              f"calls at another input size can misplace them. Define the model in a .py file.")
     _verify(target, added, args, kwargs)
     if calibration_data is None:
-        return target
-    check_data(calibration_data)
-    if isinstance(calibration_data, Iterator):  # read once: the levels and the spreads below replay what was read
-        calibration_data = Replay(calibration_data)
+        return
     reference = _outputs(target, args, kwargs, bypass=True) if preserve_function else None
     run_levels(target, added, calibration_data, max_batches=max_batches, progress=progress, input_fn=input_fn,
                scale=scale, norm=norm,
@@ -178,7 +204,6 @@ def equalize(
                     input_fn=input_fn)
     record(target, found)
     warn_wider(target, found, branches)
-    return target
 
 
 def _in_tree(model: nn.Module, sites: list[Site]) -> list[Site]:

@@ -46,7 +46,8 @@ def default_example(model: nn.Module) -> ExampleInputs:
     dims = len(conv.kernel_size) if conv is not None else 2
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     x = torch.randn(1, channels, *[DEFAULT_SIZE[dims]] * dims, dtype=ref.dtype if ref is not None else None,
-                    device=ref.device if ref is not None else None)
+                    generator=torch.Generator().manual_seed(0)).to(ref.device if ref is not None else "cpu")
+    # (its own generator: the user's seeded random stream is not touched)
     return {name: x} if name else (x,)
 
 

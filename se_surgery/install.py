@@ -225,4 +225,7 @@ def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = Fa
         _remove_hooks(model)
         if not keep_registry:
             del model.scale_equalizers
+            for key, hook in list(model._load_state_dict_pre_hooks.items()):
+                if getattr(hook, "hook", None) is _check_load:
+                    del model._load_state_dict_pre_hooks[key]
     _sync_callees(model)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -97,3 +99,17 @@ def copy_model(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} cannot be deep-copied ({str(error).splitlines()[0][:120]}); the old "
             f"torch.nn.utils.weight_norm makes such models. Pass inplace=True to work on the model itself, or use "
             f"torch.nn.utils.parametrizations.weight_norm.") from error
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def outside_inference_mode(function: F) -> F:
+    """Run ``function`` with ``torch.inference_mode`` off: equalizers made or calibrated under it would hold
+    inference tensors, which a later training step cannot save for backward."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .balance import WIDER
-from .calibrate import RunningMoments, choose_norm, input_batches, run_batch
+from .calibrate import RunningMoments, check_batches, check_data, choose_norm, input_batches, replayable, run_batch
 from .dispatch import check_attached, replaced_owners
 from .equalize import equalize
 from .errors import CalibrationError, UsageError
@@ -29,7 +29,7 @@ from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .install import equalizers
 from .integrations.zoo import main_logits
-from .modes import frozen_norms, norm_mode
+from .modes import frozen_norms, norm_mode, outside_inference_mode
 from .ops import NOUNS
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 from .where import Where, choice_text, choose, resolve
@@ -343,6 +343,7 @@ def _csv_cell(value: Any) -> Any:
     return f"{value[0]}:{value[1]}" if isinstance(value, tuple) else value
 
 
+@outside_inference_mode
 def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable, *,
                  targets: Iterable[torch.Tensor] | None = None, max_batches: int | None = 4,
                  progress: bool = True, input_fn: Callable[[Any], Any] | None = None,
@@ -376,6 +377,9 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
     check_attached(model)
+    check_data(data)
+    check_batches(max_batches)
+    data = replayable(data)  # (read by the norm probe, then measured)
     reg = registry(model)
     requested = norm if norm is not None else reg is not None and reg.norm or "auto"
     frozen = (reg.frozen_norms if norm is None and reg is not None and reg.norm else frozen_norms(model, requested))
@@ -414,10 +418,10 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
 
     device, seen = model_device(probe), 0
     labels = iter(targets) if targets is not None else repeat(None)
-    for _index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
-                                            desc="measuring scales", input_fn=input_fn):
+    for index, args, kwargs in input_batches(probe, data, max_batches=max_batches, progress=progress,
+                                           desc="measuring scales", input_fn=input_fn):
         with torch.set_grad_enabled(bool(weights)), norm_mode(probe, norm, frozen):
-            logits = main_logits(run_batch(probe, args, kwargs, norm))
+            logits = main_logits(run_batch(probe, args, kwargs, norm, index))
             if weights:
                 target = next(labels, None)
                 target = None if target is None else target.to(device).long()

@@ -189,6 +189,15 @@ class EqualizerRegistry(nn.ModuleDict):
                              f"recipe ({prefix + _EXTRA}): a loader dropped it (smp's from_pretrained drops it as a "
                              f"size mismatch), so nothing says they belong to these sites. Load with "
                              f"se_surgery.restore(ModelClass, path), or the whole state_dict; nothing was loaded.")
+        for name, eq in self.items():  # before anything is set: a refusal leaves the recipe and statistics as they were
+            for buffer in ("mean", "std"):
+                given = state_dict.get(f"{prefix}{name}.{buffer}")
+                if isinstance(given, torch.Tensor) and given.shape != getattr(eq, buffer).shape:
+                    raise UsageError(f"this state_dict's statistics for {name} have shape {tuple(given.shape)}, the "
+                                     f"model's equalizer {tuple(getattr(eq, buffer).shape)}: it was saved with "
+                                     f"per_channel={given.dim() == 1}, this model equalized with "
+                                     f"per_channel={eq.per_channel}. Load it with se_surgery.restore into the model "
+                                     f"as its library builds it; nothing of the equalizers was loaded.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         if not len(self) and prefix + _EXTRA in missing_keys:
             missing_keys.remove(prefix + _EXTRA)

@@ -81,3 +81,76 @@ def test_running_moments_match_numpy_on_a_large_badly_offset_input():
         per.update(torch.from_numpy(part))
     np.testing.assert_allclose(per.mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-13)
     np.testing.assert_allclose(per.std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-12)
+
+
+class Reader:
+    """A one-pass iterable that is not an Iterator: its ``__iter__`` drains a list (issue 37, case 3)."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        while self.batches:
+            yield self.batches.pop(0)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Streaming data: an IterableDataset without ``__len__`` (issue 37, case 5)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        yield from (x for batch in self.data for x in batch)
+
+
+def _statistics(model):
+    return [(eq.mean.clone(), eq.std.clone()) for eq in se.equalizers(model)]
+
+
+@pytest.mark.parametrize("wrap", [Reader, iter, lambda d: torch.utils.data.DataLoader(Stream(d), batch_size=2)])
+def test_any_iterable_is_read_once_and_calibrates_as_a_list_does(wrap):
+    torch.manual_seed(0)
+    model, data = Small().train(), _data()
+    as_list = se.equalize(model, (data[0],), data, progress=False)
+    streamed = se.equalize(model, (data[0],), wrap(list(data)), progress=False)
+    for (m1, s1), (m2, s2) in zip(_statistics(as_list), _statistics(streamed)):
+        torch.testing.assert_close(m1, m2)
+        torch.testing.assert_close(s1, s2)
+    se.calibrate(streamed, wrap(list(data)), progress=False)  # calibrate too
+    assert [float(s) for _, s in _statistics(streamed)] == pytest.approx([float(s) for _, s in _statistics(as_list)])
+
+
+def test_equalizing_under_inference_mode_gives_a_model_that_trains():
+    torch.manual_seed(0)
+    data = _data()
+    with torch.inference_mode():
+        eq = se.equalize(Small().train(), (data[0],), data, progress=False)
+        se.calibrate(eq, data, progress=False)
+    assert not any(b.is_inference() for b in eq.buffers())
+    eq(data[0]).square().mean().backward()  # the first training step
+
+
+def test_data_the_model_cannot_take_names_the_batch_and_the_fix():
+    data = _data()
+    with pytest.raises(se.CalibrationError, match=r"calibration batch 1 did not run through Small \(its inputs: "
+                                                  r"\(2, 4, 32, 32\) float32\).*the input first"):
+        se.equalize(Small(), (data[0],), [data[0], torch.randn(2, 4, 32, 32)], progress=False)
+    with pytest.raises(se.CalibrationError, match=r"batch 0 .*\(2, 32, 32\) int64"):
+        se.equalize(Small(), (data[0],), [(torch.zeros(2, 32, 32, dtype=torch.long), data[0])], progress=False)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, True, "2"])
+def test_max_batches_must_be_a_positive_whole_number(bad):
+    with pytest.raises(se.UsageError, match="max_batches"):
+        se.equalize(Small(), (_data()[0],), _data(), max_batches=bad, progress=False)
+
+
+def test_equalize_without_example_inputs_leaves_the_user_s_random_stream_alone():
+    model = Small()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="no example_inputs"):
+        se.equalize(model, progress=False)
+    assert torch.equal(torch.rand(3), expected)

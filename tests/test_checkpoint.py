@@ -109,3 +109,25 @@ def test_a_partly_folded_model_restores_too(tmp_path):
     x, out, _ = _restore_elsewhere(tmp_path, name, tmp_path / "folded.pt")
     with torch.no_grad():
         assert torch.equal(out, call(folded, name, x))
+
+
+def test_a_per_channel_state_dict_into_a_scalar_model_is_refused_and_changes_nothing():
+    from decoders import Small
+
+    data = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    scalar = se.equalize(Small(), (data[0],), data, progress=False)
+    channels = se.equalize(Small(), (data[0],), data, progress=False, per_channel=True)
+    own = {k: v.clone() for k, v in scalar.state_dict().items()}
+    with pytest.raises(se.UsageError, match=r"per_channel=True, this model equalized with per_channel=False.*"
+                                            r"nothing of the equalizers was loaded"):
+        scalar.load_state_dict(channels.state_dict())
+    scalar.load_state_dict(own)  # its recipe is intact: its own state_dict loads
+    assert scalar.scale_equalizers.recipe["per_channel"] is False
+
+
+@pytest.mark.parametrize("bad", [42, None, ["a.pt"]])
+def test_restore_from_something_that_is_no_checkpoint_says_what_a_checkpoint_is(bad):
+    from decoders import Small
+
+    with pytest.raises(se.UsageError, match="a checkpoint is a state_dict"):
+        se.restore(Small(), bad)
