@@ -26,7 +26,7 @@ from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, SeSurgeryError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
 from .install import equalizers, reattach
-from .modes import frozen_norms, norm_mode, outside_inference_mode, resolve_norm, running_norms, untrained_norms
+from .modes import frozen_norms, norm_mode, outside_inference_mode, resolve_norm, running_norms, untrained_norms, unwrap
 from .state import registry
 
 InputFn = Callable[[Any], Any]
@@ -341,6 +341,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     equalizer's output is checked on (up to :data:`CHECK_BATCHES` of) the data in the other norm mode, with a
     warning where it is far from its target there.
     """
+    model = unwrap(model)
     eqs = equalizers(model)
     if not eqs:
         raise UsageError(f"{type(model).__name__} has no scale equalizers: call se_surgery.equalize first.")

@@ -9,7 +9,7 @@ from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .dispatch import check_attached
 from .errors import NotCalibratedError, warn
 from .install import detach, equalizers
-from .modes import copy_model
+from .modes import copy_model, unwrap
 from .state import FoldAction, FoldReason, FoldStep, registry
 
 
@@ -33,6 +33,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         alone (shared by several branches, grouped, wrapped by peft LoRA, parametrized, hooked) is not folded
         into: that equalizer stays, moved before its resize (exact), and the step says why.
     """
+    model = unwrap(model)
     check_attached(model)
     target = model if inplace else copy_model(model)
     eqs = equalizers(target)

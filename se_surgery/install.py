@@ -29,7 +29,7 @@ from .dispatch import (
 )
 from .equalizer import ScaleEqualizer
 from .errors import UsageError, warn
-from .modes import running_norms
+from .modes import running_norms, unwrap
 from .site import Site, own_forwards
 from .state import EqualizerRegistry, OwnerSites, registry
 
@@ -40,6 +40,7 @@ def equalizers(model: nn.Module) -> list[ScaleEqualizer]:
     Args:
         model: a model returned by :func:`se_surgery.equalize` (any other model gives ``[]``).
     """
+    model = unwrap(model)
     found = registry(model)
     return list(found.values()) if found is not None else []
 

@@ -113,3 +113,16 @@ def outside_inference_mode(function: F) -> F:
             return function(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers users train and serve with: ``DistributedDataParallel`` and ``DataParallel``
+    (``.module``), ``torch.compile`` (its original module). se_surgery's functions act on it; the wrapper sees the
+    change (it holds the same module)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model

@@ -30,7 +30,7 @@ from .errors import OnnxError
 from .inputs import ExampleInputs, split_inputs
 from .install import equalizers
 from .integrations.zoo import export_hint
-from .modes import eval_mode
+from .modes import eval_mode, unwrap
 
 if TYPE_CHECKING:
     from .onnx_graph import Fold
@@ -141,6 +141,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     dynamic), and on ``check_inputs``; errors are max abs differences relative to the output's max abs. Every
     failure is an :class:`OnnxError` that says why; nothing is written then.
     """
+    model = unwrap(model)
     check_attached(model)
     args, kwargs = split_inputs(example_inputs)
     job = _Export(args, kwargs, os.fspath(path), dynamic_batch, tuple(check_inputs or ()), tolerance,

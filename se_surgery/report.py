@@ -29,7 +29,7 @@ from .files import atomic_write
 from .inputs import ExampleInputs, model_device
 from .install import equalizers
 from .integrations.zoo import main_logits
-from .modes import frozen_norms, norm_mode, outside_inference_mode
+from .modes import frozen_norms, norm_mode, outside_inference_mode, unwrap
 from .ops import NOUNS
 from .state import Compensation, FoldAction, FoldReason, FoldStep, registry
 from .where import Where, choice_text, choose, resolve
@@ -85,6 +85,7 @@ def describe(model: nn.Module) -> str:
     Args:
         model: any model (one without equalizers gets a one-line answer).
     """
+    model = unwrap(model)
     rows = []
     reg = registry(model)
     steps = {step.site: step for step in (reg.folds if reg is not None else [])}
@@ -376,6 +377,7 @@ def scale_report(model: nn.Module, example_inputs: ExampleInputs, data: Iterable
         A :class:`ScaleReport`: per branch, the mean, std and second moment as it enters the fusion, and the RMS
         gradient of the consumer conv's weight slice for that branch, of the cross-entropy of the main logits.
     """
+    model = unwrap(model)
     check_attached(model)
     check_data(data)
     check_batches(max_batches)

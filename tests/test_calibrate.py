@@ -154,3 +154,17 @@ def test_equalize_without_example_inputs_leaves_the_user_s_random_stream_alone()
     with pytest.warns(UserWarning, match="no example_inputs"):
         se.equalize(model, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, lambda m: torch.compile(m, backend="eager")])
+def test_calibrate_describe_fold_and_equalizers_look_through_the_wrappers_users_train_with(wrap):
+    data = _data()
+    eq = se.equalize(Small(), (data[0],), data, progress=False)
+    wrapped = wrap(eq)
+    wrapped(data[0])
+    se.calibrate(wrapped, _data(seed=1), progress=False)
+    assert se.equalizers(wrapped) == se.equalizers(eq) and len(se.equalizers(eq)) == 2
+    assert "2 equalizer(s) in Small" in se.describe(wrapped)
+    assert type(se.fold(wrapped)).__name__ == "Small"
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(data[0]), eq(data[0]))
