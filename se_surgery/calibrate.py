@@ -26,7 +26,16 @@ from .equalizer import ScaleEqualizer
 from .errors import CalibrationError, SeSurgeryError, UsageError, warn
 from .inputs import batch_inputs, model_device, to_device
 from .install import equalizers, reattach
-from .modes import frozen_norms, norm_mode, outside_inference_mode, resolve_norm, running_norms, untrained_norms, unwrap
+from .modes import (
+    copy_model,
+    frozen_norms,
+    norm_mode,
+    outside_inference_mode,
+    resolve_norm,
+    running_norms,
+    untrained_norms,
+    unwrap,
+)
 from .state import registry
 
 InputFn = Callable[[Any], Any]
@@ -337,7 +346,10 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
             model's ``.training`` flag says now). ``None``: the mode the model was calibrated with (``"auto"`` if
             never). Running statistics are left bit for bit as they were; dropout and drop-path are off.
 
-    Runs under ``torch.no_grad()`` on the model's device, and restores the model's modes. Afterwards each
+    Measures on a copy of the model (one more model in memory), so that threads serving the model meanwhile run it
+    as it was and their inputs stay out of the statistics; the new statistics go in at the end, within microseconds
+    (a forward at that instant may see some of them). Runs under
+    ``torch.no_grad()`` on the model's device, and restores the model's modes. Afterwards each
     equalizer's output is checked on (up to :data:`CHECK_BATCHES` of) the data in the other norm mode, with a
     warning where it is far from its target there.
     """
@@ -355,9 +367,16 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
                          f"model before folding, then fold again.")
     reg = registry(model)
     scale = scale if scale is not None else reg.scale or "unit"
-    run_levels(model, eqs, data, max_batches=max_batches, progress=progress, input_fn=input_fn, scale=scale,
-               norm=norm if norm is not None else reg.norm or "auto",
+    # Measured on a copy: threads that serve the model meanwhile run it as it was, and their inputs stay out of the
+    # statistics; the new statistics go in at the end.
+    probe = copy_model(model)
+    run_levels(probe, equalizers(probe), data, max_batches=max_batches, progress=progress, input_fn=input_fn,
+               scale=scale, norm=norm if norm is not None else reg.norm or "auto",
                frozen=reg.frozen_norms if norm is None and reg.norm is not None else None)
+    measured = registry(probe)
+    for eq, new in zip(eqs, equalizers(probe)):
+        eq.set_statistics(new.mean, new.std)
+    reg.scale, reg.norm, reg.frozen_norms, reg.spreads = measured.scale, measured.norm, measured.frozen_norms, {}
     return model
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import CaptureError
 from .inputs import ExampleInputs, split_inputs
-from .modes import eval_mode
+from .modes import eval_mode, running_norms
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs, training: bool = False) -> torch.export.ExportedProgram:
@@ -21,8 +21,10 @@ def capture(model: nn.Module, example_inputs: ExampleInputs, training: bool = Fa
     args, kwargs = split_inputs(example_inputs)
     try:
         with eval_mode(model):
-            if training:
-                model.train()
+            if training:  # (norm layers stay in eval mode: their training path updates statistics and calls no
+                model.train()  # module; BatchNorm(momentum=None) would make it data-dependent for torch.export)
+                for _, layer in running_norms(model):
+                    layer.eval()
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as error:  # torch.export raises many types; all mean the same thing to the user
         raise CaptureError(

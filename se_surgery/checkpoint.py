@@ -126,7 +126,8 @@ def restore(model: nn.Module | type, source: str | os.PathLike | Mapping, *, str
                      branches=recipe["branches"], where=Where(names=tuple(recipe["sites"])), inplace=True,
                      progress=False)
     except UsageError as error:
-        raise UsageError(f"{_name(source)}: {error} Restore into the architecture it was saved from.") from error
+        raise UsageError(f"{_name(source)}: {type(model).__name__} cannot be equalized as the checkpoint's recipe "
+                         f"says: {error} Restore into the same architecture it was saved from.") from error
     except Exception as error:
         raise UsageError(f"{_name(source)}: {type(model).__name__} cannot be equalized as the checkpoint's recipe "
                          f"says (example inputs {recipe['shapes']}): {type(error).__name__}: "

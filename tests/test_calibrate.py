@@ -1,6 +1,8 @@
 """Calibration: the running moments, and the target scale (the paper's unit scale, or ``scale="restore"``: the
 scale before the upsampling)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,34 @@ def test_calibrate_describe_fold_and_equalizers_look_through_the_wrappers_users_
     assert type(se.fold(wrapped)).__name__ == "Small"
     with torch.no_grad():
         torch.testing.assert_close(wrapped(data[0]), eq(data[0]))
+
+
+def test_calibrating_while_another_thread_serves_the_model():
+    import threading
+
+    torch.manual_seed(0)
+    data, served = _data(), torch.randn(2, 3, 32, 32) * 3 + 1  # served inputs on another scale than the data
+    eq = se.equalize(Small(), (data[0],), data, progress=False).eval()
+    with torch.no_grad():
+        old = eq(served)
+    reference = se.calibrate(copy.deepcopy(eq), _data(seed=1), progress=False)
+    outputs, stop = [], threading.Event()
+
+    def serve():
+        with torch.no_grad():
+            while not stop.is_set():
+                outputs.append(eq(served))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        se.calibrate(eq, _data(seed=1), progress=False)
+    finally:
+        stop.set()
+        thread.join()
+    # the served inputs stayed out of the statistics
+    assert all(torch.equal(a, b) for pair in zip(_statistics(eq), _statistics(reference)) for a, b in zip(*pair))
+    with torch.no_grad():
+        new = eq(served)
+    mixed = [out for out in outputs if not (torch.equal(out, old) or torch.equal(out, new))]
+    assert outputs and len(mixed) <= 1  # (at most a forward at the instant the statistics go in)

@@ -353,3 +353,20 @@ def test_pretrained_weights_loaded_into_an_equalized_smp_pspnet_are_detected():
         eq.load_state_dict(other, strict=False)
     with pytest.raises(se.NotCalibratedError, match="load_state_dict changed"):
         eq(data[0])
+
+
+class Cumulative(FrozenBN):
+    """BatchNorm with ``momentum=None`` (a cumulative average): its training path is data-dependent for export."""
+
+    def __init__(self):
+        super().__init__(lambda c: nn.BatchNorm2d(c, momentum=None))
+
+
+def test_a_cumulative_batchnorm_equalizes_quietly(capfd):
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eq = se.equalize(Cumulative().train(), (data[0],), data, progress=False)
+    assert len(se.equalizers(eq)) == 1
+    printed = capfd.readouterr()
+    assert "def forward" not in printed.err + printed.out and "symbolic_shapes" not in printed.err
