@@ -2,12 +2,13 @@
 as a site. The installation (which hooks sit where, the registry) is ``install.py``; this module only runs them.
 
 A site's resize usually sits in the middle of some module's forward (``F.interpolate`` in a decoder head), where no
-module hook reaches, and rewriting the forward would lose the user's class. So each *owner* module gets a forward
-pre-hook (:func:`_enter_owner`) that enters a ``TorchFunctionMode`` for the duration of its forward, and a
-post-hook (:func:`_leave_owner`) that leaves it. The mode recognises a call by what it is
+module hook reaches, and rewriting the forward would lose the user's class. So each *owner* module gets an instance
+``forward`` (:class:`OwnerForward`) that enters a ``TorchFunctionMode`` (:func:`_enter_owner`), runs the class's
+forward, and leaves the mode (:func:`_leave_owner`) however the call ends. torch.compile guards on an instance's
+``forward``, so compiled code of a plain module of the class is never reused for an owner (no torch setting needed). The mode recognises a call by what it is
 (:class:`~se_surgery.site.CallKey`): the owner's call number, the op kind, the source line in the owner's forward that
 made it, and which of that line's calls it is (a loop makes several); and that it is the owner's own call: the first
-module call above it is the one whose pre-hook entered the mode (known by its frame, not by the name of the
+module call above it is the one whose forward entered the mode (known by its frame, not by the name of the
 forward's first parameter). Input size, graph breaks, ``no_grad`` regions and extra calls elsewhere do not change
 that identity. What cannot be matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an
 equalizer never acts on another tensor.
@@ -25,8 +26,8 @@ Invariants, checked where they can break:
   the outermost forward returns, both are empty and no owner mode is on the torch function stack
   (:func:`_leave_model` checks). A forward interrupted by a ``BaseException`` (Ctrl-C), for which torch skips the
   cleaning hooks, leaves records whose frames are gone: the next forward drops them (:func:`_drop_stale`).
-- The torch function stack holds an owner's mode exactly while that owner's own code runs: entered by its pre-hook,
-  taken off while a module it calls runs, put back after, left by its post-hook.
+- The torch function stack holds an owner's mode exactly while that owner's own code runs: entered by its
+  ``OwnerForward``, taken off while a module it calls runs, put back after, left when its forward returns or raises.
 
 What one call needs lives with the thread that makes it, never on the model, so any number of threads can run one
 model. The hooks hold no reference to the model's state: they find it through the model forward running on their
@@ -108,8 +109,8 @@ def _forward_frame():
 
 def _module_call(frame):
     """The innermost frame of ``nn.Module``'s call machinery at or above ``frame``: the call that runs a forward
-    frame (with its decorators' wrappers between them), or that runs a pre-hook. An owner's forward is recognised by
-    this frame, the one its pre-hook ran in, whatever its first parameter is called and without reading its locals;
+    frame (with its decorators' wrappers between them). An owner's forward is recognised by
+    this frame, the one its :class:`OwnerForward` ran in, whatever its first parameter is called and without reading its locals;
     a ``super().forward(x)`` or ``self.block.forward(x)`` inside it belongs to the same call."""
     while frame is not None and frame.f_code is not _CALL_IMPL:
         frame = frame.f_back
@@ -342,8 +343,7 @@ def replaced_owners(model: nn.Module) -> list[str]:
 
 
 def _hooked(module: nn.Module, path: str) -> bool:
-    return any(isinstance(h, functools.partial) and h.func is _enter_owner and h.args == (path,)
-               for h in module._forward_pre_hooks.values())
+    return owner_forward(module, path) is not None
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -512,9 +512,9 @@ def _enter_resize(reg: EqualizerRegistry, owner: OwnerSites, call: int, module: 
     (name,) = targets.values()
     equalizer, x = reg[name], args[0]
     _check_resize(equalizer.site, module.mode, bool(module.align_corners), x)
-    before = equalizer.before_resize and len(module._forward_pre_hooks) == 1  # (another pre-hook sees the raw input)
+    before = equalizer.before_resize  # (the module's pre-hooks, if any, ran before and saw the raw input)
     paused = _pause()
-    if not before or paused is not None:  # (else nothing for the post-hook to do: an nn.Upsample calls no module)
+    if not before or paused is not None:  # (else nothing to do after the call: an nn.Upsample calls no module)
         _push(module, _Entered(None, None if before else (equalizer, x), paused))
     return (_apply(equalizer, x),) if before else None
 
@@ -550,6 +550,54 @@ def _leave_owner(path: str, module: nn.Module, args, out):
         return None
     finally:
         _resume(entered)
+
+
+class OwnerForward:
+    """An owner module's ``forward`` while it holds sites (set on the instance, as ``module.forward``): the owner's
+    call as one unit. It enters the owner's mode (or equalizes an ``nn.Upsample``'s input or output), runs the
+    class's ``forward`` (or the instance's previous one), and leaves the mode however the call ends. torch.compile
+    guards on an instance's ``forward``, so code compiled for a plain module of the class is not reused for an
+    owner, nor the reverse, in any order, with torch's default settings. It holds names and the module, so it
+    deep-copies and pickles with the module (a copy is the copy's)."""
+
+    def __init__(self, path: str, module: nn.Module, inner=None) -> None:
+        self.path, self.module, self.inner = path, module, inner  # inner: the instance's own forward before ours
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self.inner if self.inner is not None else
+                                 functools.partial(type(self.module).forward, self.module))
+
+    @property
+    def __name__(self) -> str:
+        return "forward"
+
+    @property
+    def __code__(self):  # (torch.export names its fake mode after the root's forward code)
+        function = self.inner if self.inner is not None else type(self.module).forward
+        return getattr(function, "__code__", None) or getattr(getattr(function, "__func__", None), "__code__", None)
+
+    def __call__(self, *args, **kwargs):
+        module, path = self.module, self.path
+        replaced = _enter_owner(path, module, args)
+        if replaced is not None:  # an nn.Upsample whose equalizer acts on its input
+            args = replaced
+        try:
+            out = self.inner(*args, **kwargs) if self.inner is not None else type(module).forward(module, *args,
+                                                                                               **kwargs)
+        except BaseException:
+            _leave_owner(path, module, args, None)  # (Ctrl-C too: the mode is left, the thread's record cleaned)
+            raise
+        new = _leave_owner(path, module, args, out)
+        return out if new is None else new
+
+
+def owner_forward(module: nn.Module, path: str | None = None) -> OwnerForward | None:
+    """The module's :class:`OwnerForward` (for ``path``, if given), or None."""
+    found = module.__dict__.get("forward")
+    return found if isinstance(found, OwnerForward) and (path is None or found.path == path) else None
 
 
 def _check_met(path: str, module: nn.Module, mode: _OwnerMode) -> None:

@@ -11,20 +11,18 @@ is kept on the user's modules.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from .dispatch import (
+    OwnerForward,
     _enter_callee,
     _enter_model,
-    _enter_owner,
     _homes,
     _leave_callee,
     _leave_model,
-    _leave_owner,
     _submodule,
+    owner_forward,
     replaced_owners,
 )
 from .equalizer import ScaleEqualizer
@@ -71,9 +69,8 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
     return renewed
 
 
-def _ours(hook, kinds=("owner", "callee", "model")) -> bool:
-    return "owner" in kinds and isinstance(hook, functools.partial) and hook.func in (_enter_owner, _leave_owner) \
-        or "callee" in kinds and hook in (_enter_callee, _leave_callee) \
+def _ours(hook, kinds=("callee", "model")) -> bool:
+    return "callee" in kinds and hook in (_enter_callee, _leave_callee) \
         or "model" in kinds and hook in (_enter_model, _leave_model)
 
 
@@ -83,10 +80,18 @@ def foreign_hooks(module: nn.Module) -> bool:
 
 
 def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
+    if "owner" in kinds and owner_forward(module) is not None:
+        return True
     return any(_ours(h, kinds) for h in module._forward_pre_hooks.values())
 
 
 def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee", "model")) -> None:
+    found = owner_forward(module)
+    if "owner" in kinds and found is not None:  # the instance's forward as it was before ours
+        if found.inner is not None:
+            module.forward = found.inner
+        else:
+            del module.__dict__["forward"]
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
         for key in [k for k, h in hooks.items() if _ours(h, kinds)]:
             del hooks[key]
@@ -186,22 +191,9 @@ def _check_load(model: nn.Module, state_dict: dict, prefix: str, *_args) -> None
          f"again (or load a state_dict that holds the scale_equalizers.* entries too).")
 
 
-def _guard_compiled_code() -> None:
-    """torch.compile does not guard on submodules' hooks by default (``skip_nnmodule_hook_guards``), so code it
-    compiled for a plain model of the same classes (a baseline compiled earlier in the process, or this model before
-    ``equalize(inplace=True)``) would run the equalized model without its equalizers. Turn those guards on and drop
-    the code compiled without them, once per process (again only if something turns them off)."""
-    if torch._dynamo.config.skip_nnmodule_hook_guards:
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-        torch.compiler.reset()
-
-
 def _hook_owner(module: nn.Module, path: str, reg: EqualizerRegistry) -> None:
-    _guard_compiled_code()
     _homes[module] = reg
-    module.register_forward_pre_hook(functools.partial(_enter_owner, path))
-    # first of the forward hooks: the user's see the equalized output, as if the forward had made it
-    module.register_forward_hook(functools.partial(_leave_owner, path), always_call=True, prepend=True)
+    module.forward = OwnerForward(path, module, module.__dict__.get("forward"))
 
 
 def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = False) -> None:
@@ -219,8 +211,7 @@ def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = Fa
         del reg.owners[site.owner]
         for module in model.modules():  # the owner and any copy of it (hooks name the path, not the module)
             if module is not model:
-                hooks = [h for h in module._forward_pre_hooks.values() if _ours(h, ("owner",))]
-                if hooks and all(h.args[0] == site.owner for h in hooks):
+                if owner_forward(module, site.owner) is not None:
                     _remove_hooks(module)
     if not len(reg):
         _remove_hooks(model)

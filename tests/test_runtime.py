@@ -123,7 +123,6 @@ def test_torch_compile_never_reuses_code_compiled_for_a_plain_model_of_the_same_
 
     x = torch.randn(2, 3, 64, 64)
     data = [x, torch.randn(2, 3, 64, 64)]
-    torch._dynamo.config.skip_nnmodule_hook_guards = True  # torch's default, whatever ran before in this process
     plain = smp.FPN("resnet18", encoder_weights=None, classes=5).eval()
     compiled_plain = torch.compile(plain, backend="eager")
     with torch.no_grad():
@@ -278,18 +277,21 @@ def test_a_resize_in_a_hook_of_a_module_the_owner_calls_is_not_the_owners_call()
         torch.testing.assert_close(shown[0], F.interpolate(model.a(x), scale_factor=2, mode="bilinear"))
 
 
-def test_an_owners_forward_called_directly_says_its_equalizers_would_not_act():
+def test_an_owners_forward_called_directly_is_equalized_as_its_module_call():
     from decoders import Small
 
     data = _data()
-    for model, call in [(NotSelf().eval(), lambda eq, x: eq.forward(x)),
-                        (Small().eval(), lambda eq, x: eq.head.forward([x[:, :4, ::2, ::2], x[:, :4, ::4, ::4],
-                                                                        x[:, :4, ::8, ::8]]))]:
+    for model, call in [(NotSelf().eval(), lambda m, x: (m.forward(x), m(x))),
+                        (Small().eval(), lambda m, x: (m.head.forward(x), m.head(x)))]:
         eq = se.equalize(model, (data[0],), data, progress=False)
         x = torch.randn(1, 3, 32, 32)
-        with pytest.raises(se.SiteMismatchError, match=r"\.forward was called directly .* Call the module itself"):
-            call(eq, torch.cat([x, x[:, :1]], 1) if isinstance(model, Small) else x)
-        eq(x)  # called as a module: fine
+        if isinstance(model, Small):  # the head takes three 4-channel levels
+            x = torch.cat([x, x[:, :1]], 1)
+            x = [x[:, :, ::2, ::2], x[:, :, ::4, ::4], x[:, :, ::8, ::8]]
+        with torch.no_grad():
+            direct, called = call(eq, x)
+            plain, _ = call(model, x)
+        assert torch.equal(direct, called) and not torch.equal(direct, plain)
 
 
 def test_two_owners_swapped_are_replaced_everywhere_until_recalibrated():
@@ -417,3 +419,43 @@ def test_a_submodules_forward_called_directly_is_left_out_with_the_cause_and_the
     with pytest.warns(UserWarning, match=r"NotSelf\.forward.*\.forward\(\.\.\.\) is called directly.*module\(x\)"):
         eq = se.equalize(DirectForward().eval(), (data[0],), data, progress=False)
     assert se.equalizers(eq) == []
+
+
+COMPILE_AFTER_LOAD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from decoders import Small
+import se_surgery  # noqa: F401  (as a user's script imports it)
+default = torch._dynamo.config.skip_nnmodule_hook_guards
+eq = torch.load({path!r}, weights_only=False).eval()
+plain = Small().eval()
+plain.load_state_dict({{k: v for k, v in eq.state_dict().items() if not k.startswith("scale_equalizers")}})
+x = torch.randn(1, 3, 32, 32)
+with torch.no_grad():
+    torch.compile(plain, backend="eager")(x)  # the plain twin first: its code must not serve the equalized model
+    got, expected, unequalized = torch.compile(eq, backend="eager")(x), eq(x), plain(x)
+assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, unequalized), "wrong compiled code"
+assert torch._dynamo.config.skip_nnmodule_hook_guards == default, "a torch setting changed"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_no_torch_setting_changes_and_a_pickled_model_compiles_right_in_a_new_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from decoders import Small
+
+    default = torch._dynamo.config.skip_nnmodule_hook_guards
+    data = _data()
+    eq = se.equalize(Small().eval(), (data[0],), data, progress=False)
+    se.fold(eq)
+    se.restore(Small(), eq.state_dict())
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == default  # equalize, fold, restore: no torch setting
+    torch.save(eq, tmp_path / "eq.pt")
+    script = tmp_path / "run.py"
+    script.write_text(COMPILE_AFTER_LOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "eq.pt")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
