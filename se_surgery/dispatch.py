@@ -1,23 +1,25 @@
-"""Dispatch: how the equalizers act inside the user's own eager model, call by call, and how a call is recognised
-as a site. The installation (which hooks sit where, the registry) is ``install.py``; this module only runs them.
+"""Dispatch: how the equalizers act inside the user's own eager model, call by call, and how a call is recognised as
+a site. The installation (which hooks sit where, the registry) is ``install.py``; this module only runs them.
 
 A site's resize usually sits in the middle of some module's forward (``F.interpolate`` in a decoder head), where no
 module hook reaches, and rewriting the forward would lose the user's class. So each *owner* module gets an instance
 ``forward`` (:class:`OwnerForward`) that enters a ``TorchFunctionMode`` (:func:`_enter_owner`), runs the class's
 forward, and leaves the mode (:func:`_leave_owner`) however the call ends. torch.compile guards on an instance's
-``forward``, so compiled code of a plain module of the class is never reused for an owner (no torch setting needed). The mode recognises a call by what it is
-(:class:`~se_surgery.site.CallKey`): the owner's call number, the op kind, the source line in the owner's forward that
-made it, and which of that line's calls it is (a loop makes several); and that it is the owner's own call: the first
-module call above it is the one whose forward entered the mode (known by its frame, not by the name of the
-forward's first parameter). Input size, graph breaks, ``no_grad`` regions and extra calls elsewhere do not change
-that identity. What cannot be matched raises :class:`~se_surgery.SiteMismatchError` naming the cause: an
-equalizer never acts on another tensor.
+``forward``, so compiled code of a plain module of the class is never reused for an owner (no torch setting needed).
+The mode recognises a call by what it is (:class:`~se_surgery.site.CallKey`): the owner's call number, the op kind,
+the source line in the owner's forward that made it, and which of that line's calls it is (a loop makes several);
+and that it is the owner's own call: the first module call above it is the one whose forward entered the mode (known
+by its frame, not by the name of the forward's first parameter). Input size, graph breaks, ``no_grad`` regions and
+extra calls elsewhere do not change that identity. What cannot be matched raises
+:class:`~se_surgery.SiteMismatchError` naming the cause: an equalizer never acts on another tensor.
 
 The mode dispatches only the owner's own calls, so the modules it calls (convs, norms, blocks) get hooks that take
-the mode off the stack for their call (:func:`_enter_callee`). An owner that is an ``nn.Upsample`` needs no mode: its
-call is the site, and its hooks equalize its input or output directly. An upsampling's equalizer acts on the
+the mode off the stack for their call (:func:`_enter_callee`). An owner that is an ``nn.Upsample`` needs no mode:
+its call is the site, and its hooks equalize its input or output directly. An upsampling's equalizer acts on the
 resize's input in eager runs, the same map at 1/factor^d of the work
 (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
+
+
 
 Invariants, checked where they can break:
 
@@ -109,9 +111,9 @@ def _forward_frame():
 
 def _module_call(frame):
     """The innermost frame of ``nn.Module``'s call machinery at or above ``frame``: the call that runs a forward
-    frame (with its decorators' wrappers between them). An owner's forward is recognised by
-    this frame, the one its :class:`OwnerForward` ran in, whatever its first parameter is called and without reading its locals;
-    a ``super().forward(x)`` or ``self.block.forward(x)`` inside it belongs to the same call."""
+    frame (with its decorators' wrappers between them). An owner's forward is recognised by this frame, the one its
+    :class:`OwnerForward` ran in, whatever its first parameter is called and without reading its locals; a
+    ``super().forward(x)`` or ``self.block.forward(x)`` inside it belongs to the same call."""
     while frame is not None and frame.f_code is not _CALL_IMPL:
         frame = frame.f_back
     return frame
