@@ -15,11 +15,9 @@ extra calls elsewhere do not change that identity. What cannot be matched raises
 
 The mode dispatches only the owner's own calls, so the modules it calls (convs, norms, blocks) get hooks that take
 the mode off the stack for their call (:func:`_enter_callee`). An owner that is an ``nn.Upsample`` needs no mode:
-its call is the site, and its hooks equalize its input or output directly. An upsampling's equalizer acts on the
-resize's input in eager runs, the same map at 1/factor^d of the work
+its call is the site, and its ``OwnerForward`` equalizes its input or output directly. An upsampling's equalizer
+acts on the resize's input in eager runs, the same map at 1/factor^d of the work
 (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
-
-
 
 Invariants, checked where they can break:
 
