@@ -150,12 +150,15 @@ class _OwnerMode(TorchFunctionMode):
         self.made = 0              # torch calls the owner's own code made (0 and its input returned: a no-op call)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.made += 1
         op = self.funcs.get(func)
         kwargs = kwargs or {}
         # (handling: a call made while one of our modes handles another: its own ops, a nested owner's)
         if op is None or _local.handling or op == "resize" and resize_mode(func, args, kwargs) is None:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):  # (reading a shape makes no tensor: a base case that only looks at
+                self.made += 1                 # its input is still a call without operations)
+            return out
+        self.made += 1
         _local.handling += 1
         try:
             return self._handle(op, func, args, kwargs)

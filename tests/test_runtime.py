@@ -459,3 +459,64 @@ def test_no_torch_setting_changes_and_a_pickled_model_compiles_right_in_a_new_pr
     script.write_text(COMPILE_AFTER_LOAD.format(tests=str(Path(__file__).parent), path=str(tmp_path / "eq.pt")))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+class Projected(nn.Module):
+    """``u = up(proj(relu(pb(x))))`` fused with ``pa(x)``: the site's line also calls a submodule (``proj``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pa, self.pb, self.proj, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), \
+            nn.Conv2d(4, 4, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        u = F.interpolate(self.proj(torch.relu(self.pb(x))), scale_factor=2, mode="bilinear")
+        return self.fuse(torch.cat([self.pa(x), u], 1))
+
+
+@pytest.mark.parametrize("kind", ["forward hook", "pre-hook", "forward hook with kwargs"])
+def test_a_callee_hook_that_resizes_is_not_taken_for_the_site(kind):
+    data = _data()
+    eq = se.equalize(Projected().eval(), (data[0],), data, progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = eq(x)
+    maps = {}
+
+    def look(t):  # a visualisation: resizes the callee's map, returns nothing (the module's output stays)
+        maps["p"] = F.interpolate(t, size=(64, 64), mode="bilinear")
+
+    if kind == "forward hook":
+        eq.proj.register_forward_hook(lambda m, a, out: look(out))
+    elif kind == "pre-hook":
+        eq.proj.register_forward_pre_hook(lambda m, a: look(a[0]))
+    else:
+        eq.proj.register_forward_hook(lambda m, a, kw, out: look(out), with_kwargs=True)
+    with torch.no_grad():
+        assert torch.equal(eq(x), expected)
+    assert maps["p"].shape == (1, 4, 64, 64)
+
+
+class BaseCase(nn.Module):
+    """A recursion whose base case only reads its input's shape and returns it: two sites, the graph's calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, depth=2):
+        if x.shape[1] == 3:
+            x = self.stem(x)
+        if depth == 0:
+            return x
+        y = self(torch.relu(self.down(x)), depth - 1)
+        return self.fuse(torch.cat([x, F.interpolate(y, scale_factor=2, mode="bilinear")], 1))
+
+
+def test_a_recursions_base_case_that_reads_its_inputs_shape_is_no_site_call():
+    data = _data()
+    eq = se.equalize(BaseCase().eval(), (data[0],), data, progress=False)
+    assert len(se.equalizers(eq)) == 2
+    with torch.no_grad():
+        eq(torch.randn(1, 3, 32, 32))
+    eq.train()(data[0]).sum().backward()
