@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "torch.save (never over --weights)")
     equalize.set_defaults(run=_equalize)
 
-    export = command("export", "equalize a model, then export it to ONNX with the equalizers folded (dynamic "
-                               "batch/height/width), checked by onnxruntime")
+    export = command("export", "equalize a model, then export it to ONNX with the equalizers folded, checked by "
+                               "onnxruntime (dynamic batch; dynamic height/width unless the model pools adaptively "
+                               "to fixed bins, as PSPNet and UPerNet do: export those once per deployment --size)")
     _model_options(export, size=512)
     _data_options(export, synthetic=8)
     _where_options(export)

@@ -65,4 +65,12 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         eq.std.fill_(1.0)
         eq.fold = FoldStep(site.name, FoldAction.SCALE_FOLDED,
                            FoldReason.ZERO_PADDED if consumer.zero_padded else FoldReason.NO_BIAS, where)
+    kept = [eq for eq in equalizers(target) if eq.fold is not None]
+    if kept:
+        shown = "; ".join(f"{eq.name}: {eq.fold.action.value.replace('_', ' ')} "
+                          f"({eq.fold.reason.value.replace('_', ' ')})" for eq in kept[:4])
+        warn(f"se_surgery: fold left {len(kept)} of {len(eqs)} equalizer(s) of {type(model).__name__} in the runtime "
+             f"({shown}{'; ...' if len(kept) > 4 else ''}): exact, at the cost of an affine map each (before its "
+             f"resize where it is one). se_surgery.describe(model) lists every site; se_surgery.export_onnx folds "
+             f"the same way into the graph.")
     return target

@@ -147,9 +147,15 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str | os.
     job = _Export(args, kwargs, os.fspath(path), dynamic_batch, tuple(check_inputs or ()), tolerance,
                   export_tolerance, fold, tuple(output_names) if output_names is not None else None)
     notes = []
+    pooled = [name for name, m in model.named_modules() if isinstance(m, _ADAPTIVE) and
+              any(size not in (1, None) for size in _tuple(m.output_size))]
+    if dynamic_spatial and pooled:
+        raise OnnxError(f"dynamic_spatial=True: {type(model).__name__}'s {', '.join(pooled[:4])}"
+                        f"{' ...' if len(pooled) > 4 else ''} pool(s) adaptively to fixed bins, which bakes the "
+                        f"example's height/width into the exported graph, so no graph of it runs at other sizes. "
+                        f"Export once per deployment size (example_inputs at that size, dynamic_spatial=False or "
+                        f"None); {os.fspath(path)} was not written.")
     if dynamic_spatial is None:
-        pooled = [name for name, m in model.named_modules() if isinstance(m, _ADAPTIVE) and
-                  any(size not in (1, None) for size in _tuple(m.output_size))]
         if pooled:
             notes.append(f"height/width are static: {', '.join(pooled[:4])}{' ...' if len(pooled) > 4 else ''} "
                          f"pool(s) adaptively to fixed bins, which bakes the example's size into the graph")
