@@ -25,6 +25,7 @@ from .inputs import model_device
 from .install import detach, equalizers
 from .integrations.zoo import from_pretrained, saved_by_transformers
 from .state import RECIPE_KEY, decode, encode, registry
+from .torch_internals import COMPILED_PREFIX
 from .where import Where
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
@@ -182,7 +183,7 @@ def _model_entries(state: dict, source: Any, prefix: str | None) -> dict:
 
 
 # The key prefixes that wrappers add to a model's state_dict: DataParallel/DDP, torch.compile, Lightning modules.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+WRAPPER_PREFIXES = ("module.", COMPILED_PREFIX, "model.")
 
 
 def plain_entries(state: dict, model: nn.Module, source: Any) -> dict:

@@ -47,7 +47,6 @@ from typing import NamedTuple
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from torch._guards import TracingContext
 from torch.overrides import TorchFunctionMode
 
 from .equalizer import ScaleEqualizer
@@ -55,6 +54,16 @@ from .errors import SiteMismatchError
 from .ops import FUSION_FUNCS, INPLACE_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
 from .site import Site, is_caller, source_key
 from .state import EqualizerRegistry, OwnerSites, fx_error, registry
+from .torch_internals import (
+    CALL_IMPL,
+    RESUME_PREFIX,
+    assume_constant_result,
+    function_modes,
+    is_fx_tracing,
+    pop_function_mode,
+    push_function_mode,
+    traced_frames,
+)
 
 
 class _Forward:
@@ -84,14 +93,14 @@ _local = _PerThread()
 _homes: weakref.WeakKeyDictionary[nn.Module, EqualizerRegistry] = weakref.WeakKeyDictionary()
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def traced_source_key() -> str | None:
     """:func:`~se_surgery.site.source_key` of the innermost ``forward`` on the way to the torch function being
     handled while torch.compile traces, from the frames it is tracing (a constant of the traced code); None where
     no frames are traced (eagerly, and in torch.export's non-strict mode): the runtime reads the same from the
     Python frames then (:func:`_forward_frame`)."""
-    frames = TracingContext.extract_stack()
-    if not len(frames):
+    frames = traced_frames()
+    if not frames:
         return None
     found = next(((f.filename, f.lineno) for f in reversed(frames) if _forward(f.name, f.filename)), None)
     return source_key(*found) if found is not None else ""
@@ -112,17 +121,14 @@ def _module_call(frame):
     frame (with its decorators' wrappers between them). An owner's forward is recognised by this frame, the one its
     :class:`OwnerForward` ran in, whatever its first parameter is called and without reading its locals; a
     ``super().forward(x)`` or ``self.block.forward(x)`` inside it belongs to the same call."""
-    while frame is not None and frame.f_code is not _CALL_IMPL:
+    while frame is not None and frame.f_code is not CALL_IMPL:
         frame = frame.f_back
     return frame
 
 
-_CALL_IMPL = nn.Module._call_impl.__code__
-
-
 def _forward(name: str, filename: str) -> bool:
     """A user's ``forward`` frame, or the rest of one that torch.compile resumes after a graph break."""
-    return (name == "forward" or name.startswith("torch_dynamo_resume_in_forward")) and is_caller(filename)
+    return (name == "forward" or name.startswith(RESUME_PREFIX + "forward")) and is_caller(filename)
 
 
 class bypassed:
@@ -280,9 +286,7 @@ def _leave_model(module: nn.Module, _args, out) -> None:
 def _check_clean() -> None:
     """The invariant after the outermost forward on a thread: nothing entered is left and no owner mode is on the
     torch function stack (a leftover would dispatch the user's later calls as if inside an owner)."""
-    depth = torch._C._len_torch_function_stack()
-    left = [torch._C._get_function_stack_at(i) for i in range(depth)]
-    if _local.entered or any(isinstance(mode, _OwnerMode) for mode in left):
+    if _local.entered or any(isinstance(mode, _OwnerMode) for mode in function_modes()):
         _local.entered.clear()
         _pop_owner_modes()
         raise SiteMismatchError(
@@ -328,9 +332,8 @@ def _drop_stale(frame) -> None:
 
 def _pop_owner_modes() -> None:
     """Take the owner modes off the top of this thread's torch function stack."""
-    while torch._C._len_torch_function_stack() and isinstance(
-            torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), _OwnerMode):
-        torch._C._pop_torch_function_stack()
+    while (modes := function_modes()) and isinstance(modes[-1], _OwnerMode):
+        pop_function_mode()
 
 
 def replaced_owners(model: nn.Module) -> list[str]:
@@ -384,14 +387,12 @@ def _pause() -> _OwnerMode | None:
     the owner's forward. An owner's sites are calls its own code makes, never a callee's (the graph names the
     innermost module as the owner), so nothing inside a callee needs the mode's dispatch. Not while compiling
     (torch.compile traces the mode; compiled code pays no dispatch), nor under another mode (the user's)."""
-    depth = torch._C._len_torch_function_stack()
-    if not depth or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
-    top = torch._C._get_function_stack_at(depth - 1)
-    if not isinstance(top, _OwnerMode):
+    modes = function_modes()
+    if not modes or not isinstance(modes[-1], _OwnerMode):
         return None
-    torch._C._pop_torch_function_stack()
-    return top
+    return pop_function_mode()
 
 
 def _push(module: nn.Module, entered: _Entered) -> None:
@@ -441,11 +442,11 @@ def _leave_callee(module: nn.Module, _args, _out) -> None:
 def _resume(entered: _Entered) -> None:
     """Put back the owner mode this call paused."""
     if entered.paused is not None:
-        torch._C._push_on_torch_function_stack(entered.paused)
+        push_function_mode(entered.paused)
 
 
 def _enter_owner(path: str, module: nn.Module, args):
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    if is_fx_tracing():
         raise fx_error()
     forward = _local.forwards[-1] if _local.forwards else None
     if forward is None:  # called on its own: gradient checkpointing's recomputation, or user code

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .absorb import absorb_input_affine, refusal, shift_absorbable
 from .balance import branch_scales, record, spreads, warn_wider
@@ -22,6 +21,7 @@ from .install import attach, detach, equalizers, reattach
 from .modes import copy_model, eval_mode, frozen_norms, outside_inference_mode, resolve_norm
 from .site import Site, own_forwards
 from .state import Compensation, registry
+from .torch_internals import OptimizedModule, tree_leaves
 from .where import Where, choose, choose_measured, resolve
 
 
@@ -102,7 +102,7 @@ def equalize(
              f"input of shape {shown}. Pass example_inputs at your training size if it differs.")
     args, kwargs = split_inputs(example_inputs)
     compiled = next((name for name, m in model.named_modules()
-                     if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)), None)
+                     if isinstance(m, OptimizedModule)), None)
     if compiled is not None:
         raise UsageError(f"{compiled or 'the model'} of {type(model).__name__} is a torch.compile'd module: its "
                          f"compiled code would run without the equalizers' hooks. Equalize the plain model, then "

@@ -10,6 +10,7 @@ from torch import nn
 from .errors import NotCalibratedError
 from .site import Site
 from .state import Compensation, FoldAction, FoldStep
+from .torch_internals import forward_hooks
 
 
 class ScaleEqualizer(nn.Module):
@@ -55,7 +56,7 @@ class ScaleEqualizer(nn.Module):
         torch.compile or torch.export traces (the compiler fuses it into the resize; graphs keep the paper's
         placement, which the ONNX fold reads)."""
         return self.site is not None and self.site.kind == "upsample" and self.observer is None and \
-            not (self._forward_hooks or self._forward_pre_hooks) and not torch.compiler.is_compiling()
+            not any(forward_hooks(self)) and not torch.compiler.is_compiling()
 
     @property
     def name(self) -> str:

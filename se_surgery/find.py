@@ -39,6 +39,7 @@ from .ops import (
     branch_inputs,
 )
 from .site import Consumer, Site, source_key_in_trace
+from .torch_internals import MODULE_STACK, STACK_TRACE, HigherOrderOperator
 
 aten = torch.ops.aten
 
@@ -48,7 +49,7 @@ aten = torch.ops.aten
 
 def _subgraph(node: Node, root: GraphModule) -> tuple[Graph, list] | None:
     """(subgraph, operands) of a higher-order op that runs a submodule on its operands (``wrap_with_*``)."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+    if node.op != "call_function" or not isinstance(node.target, HigherOrderOperator):
         return None
     for i, arg in enumerate(node.args):
         if isinstance(arg, Node) and arg.op == "get_attr":
@@ -97,7 +98,7 @@ def flat_graph(program: torch.export.ExportedProgram) -> Graph:
 
 def _owner(node: Node) -> tuple[str, str, int]:
     """(stack key, module path, call number) of the innermost module that made this op."""
-    stack = node.meta.get("nn_module_stack") or {}
+    stack = node.meta.get(MODULE_STACK) or {}
     if not stack:
         return "", "", 0
     key, (path, _) = list(stack.items())[-1]
@@ -106,7 +107,7 @@ def _owner(node: Node) -> tuple[str, str, int]:
 
 
 def _source_key(node: Node) -> str:
-    return source_key_in_trace(node.meta.get("stack_trace") or "")
+    return source_key_in_trace(node.meta.get(STACK_TRACE) or "")
 
 
 def _shape(node: Node) -> tuple[int, ...]:
@@ -273,7 +274,7 @@ def module_calls(program: torch.export.ExportedProgram) -> dict[str, int]:
 def _call_counts(nodes) -> dict[str, int]:
     calls: dict[str, int] = {}
     for node in nodes:
-        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+        for key, (path, _) in (node.meta.get(MODULE_STACK) or {}).items():
             calls[path] = max(calls.get(path, 0), (int(key.rsplit("@", 1)[1]) if "@" in key else 0) + 1)
     return calls
 
@@ -308,7 +309,7 @@ def find_sites(program: torch.export.ExportedProgram, branches: str = "upsampled
             continue
         key = _owner(node)[0]
         number[node] = counts[(op, key)]  # names count the calls of submodules too, as they always have
-        for outer in (node.meta.get("nn_module_stack") or {"": None}):
+        for outer in (node.meta.get(MODULE_STACK) or {"": None}):
             counts[(op, outer)] += 1
         occurrence[node] = counts[(op, key, _source_key(node))]
         counts[(op, key, _source_key(node))] += 1

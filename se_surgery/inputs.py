@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .errors import CalibrationError, UsageError
 from .integrations.zoo import declared_inputs
+from .torch_internals import CONV_BASE, tree_map
 
 ExampleInputs = tuple[Any, ...] | Mapping[str, Any] | torch.Tensor
 InputForm = tuple[str, Any]  # ("args", count) or ("kwargs", names): how a model was equalized
@@ -37,7 +37,7 @@ DEFAULT_SIZE = {1: 4096, 2: 512, 3: 64}   # per spatial dims: a training-like si
 def default_example(model: nn.Module) -> ExampleInputs:
     """An example input built from what the model declares: its first convolution's channels and dimensions (or
     a transformers config's ``num_channels`` and main input name), batch 1, at :data:`DEFAULT_SIZE`."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    conv = next((m for m in model.modules() if isinstance(m, CONV_BASE)), None)
     declared, name = declared_inputs(model)
     channels = declared or (conv.in_channels if conv is not None else None)
     if channels is None:

@@ -30,6 +30,7 @@ from .errors import UsageError, warn
 from .modes import running_norms, unwrap
 from .site import Site, own_forwards
 from .state import EqualizerRegistry, OwnerSites, registry
+from .torch_internals import forward_hooks, load_pre_hooks, remove_forward_hook
 
 
 def equalizers(model: nn.Module) -> list[ScaleEqualizer]:
@@ -76,13 +77,13 @@ def _ours(hook, kinds=("callee", "model")) -> bool:
 
 def foreign_hooks(module: nn.Module) -> bool:
     """Whether the module has forward hooks other than se_surgery's."""
-    return any(not _ours(h) for hooks in (module._forward_pre_hooks, module._forward_hooks) for h in hooks.values())
+    return any(not _ours(h) for hooks in forward_hooks(module) for h in hooks.values())
 
 
 def _has_hooks(module: nn.Module, kinds: tuple[str, ...]) -> bool:
     if "owner" in kinds and owner_forward(module) is not None:
         return True
-    return any(_ours(h, kinds) for h in module._forward_pre_hooks.values())
+    return any(_ours(h, kinds) for h in forward_hooks(module)[0].values())
 
 
 def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee", "model")) -> None:
@@ -92,10 +93,9 @@ def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee"
             module.forward = found.inner
         else:
             del module.__dict__["forward"]
-    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+    for hooks in forward_hooks(module):
         for key in [k for k, h in hooks.items() if _ours(h, kinds)]:
-            del hooks[key]
-            module._forward_hooks_always_called.pop(key, None)
+            remove_forward_hook(module, key)
 
 
 def _callees(module: nn.Module):
@@ -137,7 +137,7 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         model.scale_equalizers = reg
         model.register_forward_pre_hook(_enter_model, prepend=True)
         model.register_forward_hook(_leave_model, always_call=True)
-    if not any(getattr(h, "hook", None) is _check_load for h in model._load_state_dict_pre_hooks.values()):
+    if not any(getattr(h, "hook", None) is _check_load for h in load_pre_hooks(model).values()):
         model.register_load_state_dict_pre_hook(_check_load)
     ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     added = []
@@ -217,7 +217,7 @@ def detach(model: nn.Module, equalizer: ScaleEqualizer, keep_registry: bool = Fa
         _remove_hooks(model)
         if not keep_registry:
             del model.scale_equalizers
-            for key, hook in list(model._load_state_dict_pre_hooks.items()):
+            for key, hook in list(load_pre_hooks(model).items()):
                 if getattr(hook, "hook", None) is _check_load:
-                    del model._load_state_dict_pre_hooks[key]
+                    del load_pre_hooks(model)[key]
     _sync_callees(model)

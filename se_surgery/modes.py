@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .torch_internals import RUNNING_NORM_BASES, compiled_original
 
 # How norm layers with running statistics normalise while se_surgery measures: "batch" (with each batch's own
 # statistics, as in training), "running" (with their running statistics, as in eval mode), "auto" (as the model's
 # own ``.training`` flag says at the call: a model built for training is in training mode, one made ready for
 # deployment in eval mode).
 NORMS = ("auto", "batch", "running")
-_RUNNING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_RUNNING = RUNNING_NORM_BASES
 
 
 def running_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -122,7 +123,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
+        elif compiled_original(model) is not None:
+            model = compiled_original(model)
         else:
             return model

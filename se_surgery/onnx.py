@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from .dispatch import check_attached
 from .errors import OnnxError
@@ -31,6 +30,7 @@ from .inputs import ExampleInputs, split_inputs
 from .install import equalizers
 from .integrations.zoo import export_hint
 from .modes import eval_mode, unwrap
+from .torch_internals import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_leaves
 
 if TYPE_CHECKING:
     from .onnx_graph import Fold
@@ -291,8 +291,6 @@ def _run(session, feed: dict, what: str, path, baked: bool) -> list[np.ndarray]:
 
 def _output_names(outputs: Any) -> list[str]:
     """The names of a model's output tensors as PyTorch code reads them (see :func:`export_onnx`)."""
-    from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path
-
     names = []
     for path, leaf in tree_flatten_with_path(outputs)[0]:
         if not isinstance(leaf, torch.Tensor):

@@ -15,6 +15,7 @@ import onnx_ir.passes.common
 
 from .absorb import absorbed
 from .ops import ONNX_FUSIONS, ONNX_LINEAR
+from .torch_internals import ONNX_STACK_TRACE
 
 _AFFINE = {"Sub", "Add", "Mul", "Div"}
 
@@ -296,7 +297,7 @@ def _origin(node: ir.Node) -> tuple[str, str]:
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]  # full paths, outermost first, then the op
     path = parts[-2] if len(parts) >= 2 else ""
-    return path, source_key_in_trace(node.metadata_props.get("pkg.torch.onnx.stack_trace", ""))
+    return path, source_key_in_trace(node.metadata_props.get(ONNX_STACK_TRACE, ""))
 
 
 def _labels(resizes: list[ir.Node], sites: list | None) -> dict[ir.Node, str]:

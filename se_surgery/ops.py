@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .torch_internals import RESIZE_FUNCTIONS
+
 aten = torch.ops.aten
 
 INTERPOLATING = ("linear", "bilinear", "bicubic", "trilinear")
@@ -25,10 +27,7 @@ RESIZE_OPS = {
 }
 # Runtime side: the resize functions user code calls, as a TorchFunctionMode meets them.
 # (aten ops called directly, torch.ops.aten.upsample_bilinear2d(...), reach a TorchFunctionMode as themselves)
-DIRECT_RESIZE = {torch._C._nn.upsample_linear1d: "linear", torch._C._nn.upsample_bilinear2d: "bilinear",
-                 torch._C._nn.upsample_bicubic2d: "bicubic", torch._C._nn.upsample_trilinear3d: "trilinear",
-                 torch._C._nn._upsample_bilinear2d_aa: "bilinear", torch._C._nn._upsample_bicubic2d_aa: "bicubic",
-                 **RESIZE_OPS, **{op.overloadpacket: mode for op, mode in RESIZE_OPS.items()}}
+DIRECT_RESIZE = {**RESIZE_FUNCTIONS, **RESIZE_OPS, **{op.overloadpacket: mode for op, mode in RESIZE_OPS.items()}}
 RESIZE_FUNCS = frozenset({F.interpolate, *DIRECT_RESIZE})
 
 

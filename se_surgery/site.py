@@ -101,12 +101,9 @@ class Site:
 
 
 def _library_files() -> frozenset[str]:
-    import torch
-    import torch.nn.functional
+    from .torch_internals import torch_wrapper_files
 
-    files = {torch.nn.functional.__file__, torch.overrides.__file__, torch._tensor.__file__,
-             torch.functional.__file__}
-    return frozenset(os.path.normcase(os.path.abspath(f)) for f in files)
+    return frozenset(os.path.normcase(os.path.abspath(f)) for f in torch_wrapper_files())
 
 
 _PACKAGE = os.path.normcase(os.path.dirname(os.path.abspath(__file__)))

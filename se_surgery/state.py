@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import CaptureError, UsageError
 from .site import CallKey, Site, module_key
+from .torch_internals import EXTRA_STATE_SUFFIX, is_fx_tracing
 
 
 class FoldReason(StrEnum):
@@ -163,7 +164,7 @@ class EqualizerRegistry(nn.ModuleDict):
     def named_children(self):
         # torch.fx's tracer lists every module's children before it traces; it calls the root's forward without
         # its hooks, so equalizers owned by the root would be dropped silently. Refuse instead.
-        if len(self) and torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        if len(self) and is_fx_tracing():
             raise fx_error()
         return super().named_children()
 
@@ -203,7 +204,7 @@ class EqualizerRegistry(nn.ModuleDict):
             missing_keys.remove(prefix + _EXTRA)
 
 
-_EXTRA = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+_EXTRA = EXTRA_STATE_SUFFIX
 RECIPE_KEY = "scale_equalizers." + _EXTRA
 
 
