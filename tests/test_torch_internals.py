@@ -124,7 +124,7 @@ def test_torch_compile_wrappers_resume_names_constants_and_traced_frames():
         def forward(self, x):
             seen["frames"] = traced_names()
             y = x + 1
-            torch._dynamo.graph_break()  # noqa: the test makes a graph break on purpose
+            torch._dynamo.graph_break()  # (a graph break on purpose)
             seen["resumed"] = sys._getframe(0).f_code.co_name
             return y * 2
 
