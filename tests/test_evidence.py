@@ -99,8 +99,7 @@ def test_the_lite0_weights_load_by_name_and_shape_and_recognise_a_photo():
     import torch.nn.functional as F
     from sklearn.datasets import load_sample_image
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    import lite0
+    from se_surgery.integrations import lite0
 
     weights = lite0.timm_state_dict()
     assert len(weights) == 296 and weights["conv_stem.weight"].shape == (32, 3, 3, 3)
