@@ -418,19 +418,18 @@ def _enter_callee(module: nn.Module, _args) -> None:
 
 
 def _check_direct_forward() -> None:
-    """A :class:`~se_surgery.SiteMismatchError` where the forward calling this module is an owner's ``forward``
-    called directly (``model.forward(x)``, which runs no module hooks): its equalizers would not act."""
+    """A :class:`~se_surgery.SiteMismatchError` where the forward calling this module is an owner's class
+    ``forward`` called on the owner unbound (``Cls.forward(owner, x)``, which skips the owner's instance forward):
+    its equalizers would not act. (Only outside any equalized model's forward: its first argument is read then.)"""
     frame = _forward_frame()
-    if frame is None:
+    if frame is None or not frame.f_code.co_varnames:
         return
-    owners = [m for m in list(_homes.keys()) if any(vars(c).get("forward") is not None and
-                                                  getattr(vars(c)["forward"], "__code__", None) is frame.f_code
-                                                  for c in type(m).__mro__)]
-    if owners and not any(id(m) in _local.entered for m in owners):
+    owner = frame.f_locals.get(frame.f_code.co_varnames[0])
+    if isinstance(owner, nn.Module) and owner_forward(owner) is not None and id(owner) not in _local.entered:
         raise SiteMismatchError(
-            f"{type(owners[0]).__name__}.forward was called directly (module.forward(x)), which runs no module "
-            f"hooks, so the scale equalizers of its sites would not act. Call the module itself (module(x)), as "
-            f"training and serving frameworks do.")
+            f"{type(owner).__name__}.forward was called on an equalized owner without its instance forward "
+            f"({type(owner).__name__}.forward(module, x)), so the scale equalizers of its sites would not act. Call "
+            f"the module itself (module(x)) or module.forward(x), as training and serving frameworks do.")
 
 
 def _leave_callee(module: nn.Module, _args, _out) -> None:

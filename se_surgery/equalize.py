@@ -17,7 +17,7 @@ from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError, UsageError, warn
 from .find import explain, find_sites, module_calls
 from .inputs import ExampleInputs, default_example, split_inputs
-from .install import attach, detach, equalizers, reattach
+from .install import attach, detach, equalizers, foreign_owners, reattach, strip_owner
 from .modes import copy_model, eval_mode, frozen_norms, outside_inference_mode, resolve_norm
 from .site import Site, own_forwards
 from .state import Compensation, registry
@@ -112,7 +112,15 @@ def equalize(
         raise UsageError(f"{type(model).__name__} contains an equalized model at {inner!r}: equalizing the whole "
                          f"would add a second equalizer at its sites. Equalize the plain model before wrapping it, "
                          f"or use the inner model as it is.")
+    shared = foreign_owners(model)
+    if shared and inplace:
+        raise UsageError(f"{', '.join(shared[:3])} of {type(model).__name__} already hold(s) the sites of another "
+                         f"equalized model (a module shared by two models): one module cannot carry the equalizers of "
+                         f"both. Give this model its own copy (copy.deepcopy) of the shared module, or equalize with "
+                         f"inplace=False; nothing was changed.")
     target = model if inplace else copy_model(model)
+    for path in shared:  # the copy's modules are its own now
+        strip_owner(target.get_submodule(path))
     with bypassed():
         program = capture(target, example_inputs)
     sites, left = choose(_in_tree(target, find_sites(program, branches=branches)), choice)

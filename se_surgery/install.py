@@ -98,6 +98,19 @@ def _remove_hooks(module: nn.Module, kinds: tuple[str, ...] = ("owner", "callee"
             remove_forward_hook(module, key)
 
 
+def foreign_owners(model: nn.Module) -> list[str]:
+    """Paths of the modules that are owners of *another* equalized model (an instance forward whose owner path
+    the model's own registry does not list): a module shared between two models, or a copy of one."""
+    reg = registry(model)
+    return [name for name, module in model.named_modules()
+            if (found := owner_forward(module)) is not None and (reg is None or found.path not in reg.owners)]
+
+
+def strip_owner(module: nn.Module) -> None:
+    """Take another model's instance forward off a module (a copy's, not shared with that model any more)."""
+    _remove_hooks(module, ("owner",))
+
+
 def _callees(module: nn.Module):
     """The modules an owner's forward can call: its children, through containers that have no forward of their
     own (``ModuleList``, ``ModuleDict``); never the equalizers."""

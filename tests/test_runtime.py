@@ -520,3 +520,40 @@ def test_a_recursions_base_case_that_reads_its_inputs_shape_is_no_site_call():
     with torch.no_grad():
         eq(torch.randn(1, 3, 32, 32))
     eq.train()(data[0]).sum().backward()
+
+
+class _Shared(nn.Module):
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, x):
+        return self.decoder(x)
+
+
+def test_a_module_shared_by_two_models_is_refused_in_place_and_copied_otherwise():
+    data = _data()
+    decoder = Projected()
+    first, second = _Shared(decoder).eval(), _Shared(decoder).eval()
+    se.equalize(first, (data[0],), data, progress=False, inplace=True)
+    with torch.no_grad():
+        expected = first(data[0])
+    with pytest.raises(se.UsageError, match=r"decoder of _Shared already hold\(s\) the sites of another equalized "
+                                            r"model.*nothing was changed"):
+        se.equalize(second, (data[0],), data, progress=False, inplace=True)
+    copied = se.equalize(second, (data[0],), data, progress=False)  # its own copy of the decoder
+    with torch.no_grad():
+        assert torch.equal(first(data[0]), expected)  # the first model is untouched and still runs
+        copied(data[0])
+    assert len(se.equalizers(copied)) == 1
+
+
+def test_a_plain_module_of_an_owners_class_sharing_a_conv_with_it_runs():
+    data = _data()
+    eq = se.equalize(Projected().eval(), (data[0],), data, progress=False)
+    plain = Projected().eval()
+    plain.pa = eq.pa  # shares a callee of the owner
+    with torch.no_grad():
+        plain(data[0])
+        with pytest.raises(se.SiteMismatchError, match=r"Projected.forward was called on an equalized owner without"):
+            Projected.forward(eq, data[0])
