@@ -193,15 +193,15 @@ def check_data(data: Any) -> None:
             not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise UsageError(f"calibration data must be an iterable of batches (a DataLoader, a list of tensors or of "
                          f"(image, label) pairs), got {type(data).__name__}; for one batch, pass [batch].")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        raise CalibrationError(f"calibration data is a {type(data).__name__}, which yields single samples: wrap it "
+                               f"in a DataLoader(dataset, batch_size=...) to give batches.")
 
 
 def input_batches(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
                 input_fn: InputFn | None = None) -> Iterator[tuple[int, tuple, dict]]:
     """``(index, args, kwargs)`` per batch of ``data`` (at most ``max_batches``, read lazily), on the model's
     device, with a progress bar."""
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        raise CalibrationError(f"calibration data is a {type(data).__name__}, which yields single samples: wrap it "
-                               f"in a DataLoader(dataset, batch_size=...) to give batches.")
     form, device = registry(model).input_form, model_device(model)
     try:
         total = len(data) if hasattr(data, "__len__") else None
