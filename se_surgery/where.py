@@ -205,8 +205,9 @@ def choose(sites: list[Site], where: Where) -> tuple[list[Site], dict[str, str]]
         what = (f"pattern(s) {', '.join(repr(_text(p)) for p in unmatched)} match" if unmatched
                 else f"name(s) {', '.join(map(repr, unknown))} name")
         raise UsageError(f"{where}: {what} no site of this model. Its sites (name = owner module path + call): "
-                         f"{shown or 'none'}. Patterns match a site's name or its owner's path; a glob's * spans "
-                         f"dots; 're:' starts a regular expression.")
+                         f"{shown or 'none'}. Patterns match a site's name, its owner's path, the fusion it joins "
+                         f"(owner.callN_fusionK) or that fusion's owner; a glob's * spans dots; 're:' starts a "
+                         f"regular expression.")
     kept, left = [], {}
     for site in sites:
         why = _left_because(site, where)
