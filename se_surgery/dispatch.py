@@ -58,7 +58,9 @@ from .torch_internals import (
     CALL_IMPL,
     RESUME_PREFIX,
     assume_constant_result,
+    function_mode_at,
     function_modes,
+    function_stack_depth,
     is_fx_tracing,
     pop_function_mode,
     push_function_mode,
@@ -332,7 +334,7 @@ def _drop_stale(frame) -> None:
 
 def _pop_owner_modes() -> None:
     """Take the owner modes off the top of this thread's torch function stack."""
-    while (modes := function_modes()) and isinstance(modes[-1], _OwnerMode):
+    while function_stack_depth() and isinstance(function_mode_at(function_stack_depth() - 1), _OwnerMode):
         pop_function_mode()
 
 
@@ -387,10 +389,8 @@ def _pause() -> _OwnerMode | None:
     the owner's forward. An owner's sites are calls its own code makes, never a callee's (the graph names the
     innermost module as the owner), so nothing inside a callee needs the mode's dispatch. Not while compiling
     (torch.compile traces the mode; compiled code pays no dispatch), nor under another mode (the user's)."""
-    if torch.compiler.is_compiling():
-        return None
-    modes = function_modes()
-    if not modes or not isinstance(modes[-1], _OwnerMode):
+    depth = function_stack_depth()
+    if not depth or torch.compiler.is_compiling() or not isinstance(function_mode_at(depth - 1), _OwnerMode):
         return None
     return pop_function_mode()
 

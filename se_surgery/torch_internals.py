@@ -39,9 +39,9 @@ __all__ = [
     "CALL_IMPL", "COMPILED_PREFIX", "CONV_BASE", "EXTRA_STATE_SUFFIX", "GetAttrKey", "HigherOrderOperator",
     "MODULE_STACK", "MappingKey", "ONNX_STACK_TRACE", "OptimizedModule", "RESIZE_FUNCTIONS", "RESUME_PREFIX",
     "RUNNING_NORM_BASES", "STACK_TRACE", "SequenceKey", "assume_constant_result", "compiled_original",
-    "forward_hooks", "function_modes", "is_fx_tracing", "load_pre_hooks", "pop_function_mode",
-    "push_function_mode", "remove_forward_hook", "torch_wrapper_files", "traced_frames",
-    "tree_flatten_with_path", "tree_leaves", "tree_map",
+    "forward_hooks", "function_mode_at", "function_modes", "function_stack_depth", "is_fx_tracing",
+    "load_pre_hooks", "pop_function_mode", "push_function_mode", "remove_forward_hook", "torch_wrapper_files",
+    "traced_frames", "tree_flatten_with_path", "tree_leaves", "tree_map",
 ]
 
 # The code object every module call runs (``module(x)`` -> ``_call_impl``): a frame of it is a module call.
@@ -66,19 +66,17 @@ RESIZE_FUNCTIONS = {torch._C._nn.upsample_linear1d: "linear", torch._C._nn.upsam
                     torch._C._nn._upsample_bilinear2d_aa: "bilinear", torch._C._nn._upsample_bicubic2d_aa: "bicubic"}
 
 
+# This thread's torch function mode stack: its depth, the mode at a position, take the top off, put one on top
+# (without entering it again). C functions, aliased: no Python call on the per-call path.
+function_stack_depth = torch._C._len_torch_function_stack
+function_mode_at = torch._C._get_function_stack_at
+pop_function_mode = torch._C._pop_torch_function_stack
+push_function_mode = torch._C._push_on_torch_function_stack
+
+
 def function_modes() -> list:
     """This thread's torch function mode stack, bottom first."""
-    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
-
-
-def pop_function_mode():
-    """Take the top mode off this thread's torch function mode stack; returns it."""
-    return torch._C._pop_torch_function_stack()
-
-
-def push_function_mode(mode) -> None:
-    """Put ``mode`` on top of this thread's torch function mode stack (without entering it again)."""
-    torch._C._push_on_torch_function_stack(mode)
+    return [function_mode_at(i) for i in range(function_stack_depth())]
 
 
 def traced_frames() -> list:
