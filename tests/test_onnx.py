@@ -87,8 +87,14 @@ def test_export_errors_are_onnx_errors_that_say_why(tmp_path):
     # transformers' Swin backbone exports, but with sizes of the example baked in: onnxruntime fails at another
     # size, and the error says so (not a raw onnxruntime exception).
     eq = equalized("hf_upernet_swin")
+    example = {"pixel_values": torch.randn(2, 3, 128, 128)}
+    with pytest.raises(se.OnnxError, match=r"decode_head.psp_modules.1.0.* pool\(s\) adaptively"):
+        se.export_onnx(eq, example, tmp_path / "x.onnx", dynamic_spatial=True)  # named before any export
+    for module in eq.modules():  # pools to one bin: no layer pins the size but the Swin backbone's own reshapes
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            module.output_size = 1
     with pytest.raises(se.OnnxError, match=r"onnxruntime cannot run .* baked a size .*dynamic_spatial=False"):
-        se.export_onnx(eq, {"pixel_values": torch.randn(2, 3, 128, 128)}, tmp_path / "x.onnx", dynamic_spatial=True)
+        se.export_onnx(eq, example, tmp_path / "x.onnx", dynamic_spatial=True)
     assert not (tmp_path / "x.onnx").exists()
 
 
