@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import InputFn, RunningMoments, watch_pass
+from .calibrate import InputFn, RunningMoments, half_of, watch_pass
 from .errors import CalibrationError, warn
 from .find import find_sites
 from .install import attach, equalizers
@@ -26,7 +26,7 @@ from .site import Site
 from .state import registry
 from .where import FusionScales
 
-# How many calibration batches the measurement reads.
+# How many calibration batches the measurement reads at most (after calibration: and half of them, see half_of).
 PREMISE_BATCHES = 4
 # A fusion whose spread grows by more than this factor counts as driven further apart.
 WIDER = 1.1
@@ -48,12 +48,11 @@ class Spread:
 
 
 def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: set[str], data: Iterable, *,
-             form: tuple, norm: str, max_batches: int | None, input_fn: InputFn | None,
-             frozen: frozenset[str] | None = None
+             form: tuple, norm: str, batches: int, input_fn: InputFn | None, frozen: frozenset[str] | None = None
              ) -> tuple[list[Site], dict[str, tuple[RunningMoments, RunningMoments]]]:
-    """Every input branch of ``fusions``, measured on a copy of ``model`` over at most :data:`PREMISE_BATCHES`
-    batches: (the branches' sites, per site name the moments of the equalizer's input and output). A branch
-    without an equalizer of the model gets an identity one, a measuring point."""
+    """Every input branch of ``fusions``, measured on a copy of ``model`` over at most ``batches`` batches: (the
+    branches' sites, per site name the moments of the equalizer's input and output). A branch without an equalizer
+    of the model gets an identity one, a measuring point."""
     probe = copy_model(model)
     own = {eq.site.name for eq in equalizers(probe)}
     extra = [s for s in find_sites(program, branches="all") if s.joins in fusions and s.name not in own]
@@ -69,8 +68,7 @@ def _measure(model: nn.Module, program: torch.export.ExportedProgram, fusions: s
         before.update(inputs[0])
         after.update(out)
 
-    watch_pass(probe, equalizers(probe), watch, data, norm,
-               PREMISE_BATCHES if max_batches is None else min(PREMISE_BATCHES, max_batches), input_fn)
+    watch_pass(probe, equalizers(probe), watch, data, norm, batches, input_fn)
     for pair in seen.values():  # under torch.distributed: every rank's data, so all ranks record the same
         for moments in pair:
             moments.all_reduce()
@@ -91,8 +89,9 @@ def branch_scales(model: nn.Module, program: torch.export.ExportedProgram, sites
     ``form``: how a batch maps to the model's inputs (the registry's ``input_form``); ``frozen``: the norm layers
     that keep their running statistics under ``norm="batch"``."""
     fusions = {s.joins: s for s in sites}
-    branches, seen = _measure(model, program, set(fusions), data, form=form, norm=norm, max_batches=max_batches,
-                              input_fn=input_fn, frozen=frozen)
+    branches, seen = _measure(model, program, set(fusions), data, form=form, norm=norm, input_fn=input_fn,
+                              batches=PREMISE_BATCHES if max_batches is None else min(PREMISE_BATCHES, max_batches),
+                              frozen=frozen)
     found = []
     for fusion, site in fusions.items():
         at = [s for s in branches if s.joins == fusion]
@@ -108,7 +107,7 @@ def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Itera
     its equalized branches; see the module's docstring."""
     joins = list(dict.fromkeys(eq.site.joins for eq in equalizers(model)))
     branches, seen = _measure(model, program, set(joins), data, form=registry(model).input_form, norm=norm,
-                              max_batches=max_batches, input_fn=input_fn)
+                              batches=half_of(data, max_batches, PREMISE_BATCHES), input_fn=input_fn)
     found = []
     for fusion in joins:
         at = [s for s in branches if s.joins == fusion]

@@ -350,7 +350,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     as it was and their inputs stay out of the statistics; the new statistics go in at the end, within microseconds
     (a forward at that instant may see some of them). Runs under
     ``torch.no_grad()`` on the model's device, and restores the model's modes. Afterwards each
-    equalizer's output is checked on (up to :data:`CHECK_BATCHES` of) the data in the other norm mode, with a
+    equalizer's output is checked on (up to :data:`CHECK_BATCHES`, and half, of) the data in the other norm mode, with a
     warning where it is far from its target there.
     """
     model = unwrap(model)
@@ -426,8 +426,24 @@ def ran_norms(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> set
     return ran
 
 
-# How many batches the check in the other norm mode reads (it warns, it measures nothing that is kept).
+# How many batches the check in the other norm mode reads at most (it warns, it measures nothing that is kept).
 CHECK_BATCHES = 4
+
+
+def half_of(data: Iterable, max_batches: int | None, cap: int) -> int:
+    """How many batches a measurement after calibration reads: at most ``cap``, and at most half of the batches
+    calibration read (rounded up), so that the other-mode check and the spread measurement together cost about one
+    pass over the calibration data, whatever its length."""
+    if isinstance(data, Replay):
+        read = len(data.kept)
+    else:
+        try:
+            read = len(data) if hasattr(data, "__len__") else None
+        except TypeError:
+            read = None
+    if max_batches is not None:
+        read = max_batches if read is None else min(read, max_batches)
+    return max(1, min(cap, math.ceil(read / 2))) if read else max(1, cap // 2)
 # An equalizer whose output std, in the other norm mode, is outside this range of its target gets a warning.
 TARGET_RANGE = (0.5, 2.0)
 
@@ -489,7 +505,7 @@ def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict
                                      else None) for eq in eqs}
     try:
         watch_pass(model, eqs, lambda e, _i, out: found[e.name].update(out), data, other,
-                   CHECK_BATCHES if max_batches is None else min(CHECK_BATCHES, max_batches), input_fn)
+                   half_of(data, max_batches, CHECK_BATCHES), input_fn)
     except CalibrationError:
         return  # batches of one: no batch statistics to check against
     off = []

@@ -190,7 +190,7 @@ def test_upsampled_branches_that_arrive_larger_get_the_message_and_all_branches_
         warnings.simplefilter("error")
         balanced = se.equalize(Larger(), (data[0],), data, progress=False, branches="all")
     ((before, after),) = registry(balanced).spreads.values()
-    assert after == pytest.approx(1, abs=0.01) and before > 1.5
+    assert after == pytest.approx(1, abs=0.05) and before > 1.5  # (measured on half the calibration batches)
     x = torch.randn(1, 3, 40, 40)
     folded = se.fold(balanced)
     with torch.no_grad():
