@@ -101,6 +101,9 @@ def equalize(
         warn(f"se_surgery: no example_inputs given; finding the sites of {type(model).__name__} on a random "
              f"input of shape {shown}. Pass example_inputs at your training size if it differs.")
     args, kwargs = split_inputs(example_inputs)
+    if calibration_data is not None:
+        check_data(calibration_data)
+        calibration_data = replayable(calibration_data)  # read once: measuring, the levels and the spreads replay it
     compiled = next((name for name, m in model.named_modules()
                      if isinstance(m, OptimizedModule)), None)
     if compiled is not None:
@@ -132,10 +135,8 @@ def equalize(
         warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
              f"({explain(program)}); the model is returned unchanged.")
         return target
-    form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
     if choice.measured is not None:
-        check_data(calibration_data)
-        calibration_data = replayable(calibration_data)  # read once: measuring, the levels and the spreads replay it
+        form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
         scales = branch_scales(target, program, sites, calibration_data, form=form,
                                norm=choose_norm(target, norm, calibration_data, input_fn),
                                frozen=frozen_norms(target, norm), max_batches=max_batches, input_fn=input_fn)
@@ -150,9 +151,6 @@ def equalize(
         raise UsageError(f"{type(model).__name__} is already equalized at {', '.join(clash[:4])}, which {choice} "
                          f"leaves alone ({left[clash[0]]}). To change where it is equalized, equalize the model "
                          f"without equalizers (the one you started from) with this choice; nothing was changed.")
-    if calibration_data is not None:
-        check_data(calibration_data)
-        calibration_data = replayable(calibration_data)  # read once: the levels and the spreads replay what was read
     reg = registry(target)
     before = (reg.recipe, reg.input_form) if reg is not None else None
     weights = {k: v.clone() for k, v in target.state_dict().items()} if inplace and preserve_function else None
