@@ -198,15 +198,20 @@ def check_data(data: Any) -> None:
                                f"in a DataLoader(dataset, batch_size=...) to give batches.")
 
 
+def _length(data: Iterable) -> int | None:
+    """How many batches ``data`` holds, where it says (a DataLoader over a stream without ``__len__`` does not)."""
+    try:
+        return len(data) if hasattr(data, "__len__") else None
+    except TypeError:
+        return None
+
+
 def input_batches(model: nn.Module, data: Iterable, *, max_batches: int | None, progress: bool, desc: str,
                 input_fn: InputFn | None = None) -> Iterator[tuple[int, tuple, dict]]:
     """``(index, args, kwargs)`` per batch of ``data`` (at most ``max_batches``, read lazily), on the model's
     device, with a progress bar."""
     form, device = registry(model).input_form, model_device(model)
-    try:
-        total = len(data) if hasattr(data, "__len__") else None
-    except TypeError:  # a DataLoader over an IterableDataset without __len__ (a stream)
-        total = None
+    total = _length(data)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     batches = itertools.islice(data, max_batches)
@@ -434,13 +439,7 @@ def half_of(data: Iterable, max_batches: int | None, cap: int) -> int:
     """How many batches a measurement after calibration reads: at most ``cap``, and at most half of the batches
     calibration read (rounded up), so that the other-mode check and the spread measurement together cost about one
     pass over the calibration data, whatever its length."""
-    if isinstance(data, Replay):
-        read = len(data.kept)
-    else:
-        try:
-            read = len(data) if hasattr(data, "__len__") else None
-        except TypeError:
-            read = None
+    read = len(data.kept) if isinstance(data, Replay) else _length(data)
     if max_batches is not None:
         read = max_batches if read is None else min(read, max_batches)
     return max(1, min(cap, math.ceil(read / 2))) if read else max(1, cap // 2)
