@@ -119,6 +119,22 @@ def groups(rows: list[dict]) -> list[tuple[str, str, int, int, tuple[str, ...]]]
 # The sweep
 
 
+# A run's cost relative to PSPNet's (the plan's estimates: 100, 200, 150, 210 s), to balance the shards.
+COST = {"PSPNet": 1.0, "UPerNet": 2.0, "FPN": 1.5, "DeepLabV3Plus": 2.1}
+
+
+def shard(todo: list[tuple], k: int, n: int) -> list[tuple]:
+    """The groups of shard ``k`` of ``n``: each group, in plan order, to the shard with the least estimated work so
+    far (every shard computes the same split; the plan's later groups never move the earlier ones)."""
+    work, mine = [0.0] * n, []
+    for group in todo:
+        target = min(range(n), key=lambda i: (work[i], i))
+        work[target] += COST[group[0]] * len(group[4]) * group[3]
+        if target == k:
+            mine.append(group)
+    return mine
+
+
 def read(folder: Path) -> list[dict]:
     return [json.loads(line) for path in sorted(folder.glob("rows-*.jsonl"))
             for line in path.read_text().splitlines() if line.strip()]
@@ -139,7 +155,7 @@ def _sweep_once(args, here: str, path: Path, cache: dict) -> bool:
     todo = groups(rows)
     if args.shard:
         k, n = (int(v) for v in args.shard.split("/"))
-        todo = todo[k::n]
+        todo = shard(todo, k, n)
     ran = False
     for model, data, seed, steps, arms in todo:
         mine = {r["arm"]: r for r in rows if r["machine"] == here

@@ -185,3 +185,12 @@ def test_round4_quick_runs_its_groups_pairs_within_the_machine_and_reports(tmp_p
     assert any(r["steps"] == 8 for r in rows)  # the long phase, planned once the main phase was complete
     text = (tmp_path / "results.md").read_text()
     assert "Holm-adjusted p" in text and "Decision rule (final)" in text and "Provenance:" in text
+
+
+def test_round4_shards_partition_the_plan_and_balance_its_work():
+    r4 = _round4()
+    todo = r4.groups([])
+    shards = [r4.shard(todo, k, 2) for k in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(todo) and not set(shards[0]) & set(shards[1])
+    work = [sum(r4.COST[g[0]] * len(g[4]) for g in s) for s in shards]
+    assert max(work) <= 1.1 * min(work)
