@@ -178,7 +178,10 @@ def _check_load(model: nn.Module, state_dict: dict, prefix: str, *_args) -> None
     equalizers and brings no statistics for them (``scale_equalizers.*``), their statistics describe the old
     weights. Mark those equalizers stale (they refuse to run until calibrated again) and say so now."""
     reg = registry(model)
-    if reg is None or not len(reg) or any(k.startswith(prefix + "scale_equalizers.") for k in state_dict):
+    if reg is None or not len(reg):
+        return
+    reg.check_shapes(state_dict, prefix + "scale_equalizers.")  # (before any weight of the model is loaded)
+    if any(k.startswith(prefix + "scale_equalizers.") for k in state_dict):
         return
     current = model.state_dict()
     changed = set()

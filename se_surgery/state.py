@@ -183,14 +183,10 @@ class EqualizerRegistry(nn.ModuleDict):
         if not len(self):  # a registry emptied by fold adds no key: the state_dict is the plain model's
             destination.pop(prefix + _EXTRA, None)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
-        ours = [k for k in state_dict if k.startswith(prefix) and k != prefix + _EXTRA]
-        if ours and prefix + _EXTRA not in state_dict:
-            raise UsageError(f"this state_dict holds equalizer statistics ({ours[0]}, ...) without their se_surgery "
-                             f"recipe ({prefix + _EXTRA}): a loader dropped it (smp's from_pretrained drops it as a "
-                             f"size mismatch), so nothing says they belong to these sites. Load with "
-                             f"se_surgery.restore(ModelClass, path), or the whole state_dict; nothing was loaded.")
-        for name, eq in self.items():  # before anything is set: a refusal leaves the recipe and statistics as they were
+    def check_shapes(self, state_dict, prefix: str) -> None:
+        """A :class:`~se_surgery.UsageError` where ``state_dict`` holds statistics of another shape than the
+        equalizers' (saved with the other ``per_channel``); ``prefix``: the registry's key prefix in it."""
+        for name, eq in self.items():
             for buffer in ("mean", "std"):
                 given = state_dict.get(f"{prefix}{name}.{buffer}")
                 if isinstance(given, torch.Tensor) and given.shape != getattr(eq, buffer).shape:
@@ -198,7 +194,16 @@ class EqualizerRegistry(nn.ModuleDict):
                                      f"model's equalizer {tuple(getattr(eq, buffer).shape)}: it was saved with "
                                      f"per_channel={given.dim() == 1}, this model equalized with "
                                      f"per_channel={eq.per_channel}. Load it with se_surgery.restore into the model "
-                                     f"as its library builds it; nothing of the equalizers was loaded.")
+                                     f"as its library builds it; nothing was loaded.")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):
+        ours = [k for k in state_dict if k.startswith(prefix) and k != prefix + _EXTRA]
+        if ours and prefix + _EXTRA not in state_dict:
+            raise UsageError(f"this state_dict holds equalizer statistics ({ours[0]}, ...) without their se_surgery "
+                             f"recipe ({prefix + _EXTRA}): a loader dropped it (smp's from_pretrained drops it as a "
+                             f"size mismatch), so nothing says they belong to these sites. Load with "
+                             f"se_surgery.restore(ModelClass, path), or the whole state_dict; nothing was loaded.")
+        self.check_shapes(state_dict, prefix)  # before anything is set: the recipe and statistics stay as they were
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         if not len(self) and prefix + _EXTRA in missing_keys:
             missing_keys.remove(prefix + _EXTRA)

@@ -119,8 +119,9 @@ def test_a_per_channel_state_dict_into_a_scalar_model_is_refused_and_changes_not
     channels = se.equalize(Small(), (data[0],), data, progress=False, per_channel=True)
     own = {k: v.clone() for k, v in scalar.state_dict().items()}
     with pytest.raises(se.UsageError, match=r"per_channel=True, this model equalized with per_channel=False.*"
-                                            r"nothing of the equalizers was loaded"):
+                                            r"nothing was loaded"):
         scalar.load_state_dict(channels.state_dict())
+    assert all(torch.equal(v, scalar.state_dict()[k]) for k, v in own.items())  # no weight of it was loaded
     scalar.load_state_dict(own)  # its recipe is intact: its own state_dict loads
     assert scalar.scale_equalizers.recipe["per_channel"] is False
 
