@@ -53,7 +53,11 @@ def main() -> None:
             raise SystemExit(f"{label} failed (exit {code})")
         rows.append(f"| {label} | {wall:.0f} | {cpu:.0f} |")
         print(rows[-1], flush=True)
-    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS") or f"torch's default, {torch.get_num_threads()}"
+    machine = (f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, threads: "
+               f"{threads}; a quiet machine")
     command = "python benchmarks/readme_times.py" + (" --full" if args.full else "")
     section = "\n".join(rows) + f"\n\n({machine}; `{command}`.)\n"
     readme = ROOT / "README.md"
