@@ -190,7 +190,7 @@ def _run(model: str, data: str, seed: int, arm: str, args, dataset, mine: dict) 
                                                   and a in mine), None)
         if same is None:
             return None
-        return {**{k: v for k, v in mine[same].items() if k not in ("id", "premise")}, "arm": arm,
+        return {**{k: v for k, v in mine[same].items() if k not in ("id", "premise", "grads")}, "arm": arm,
                 "same_sites_as": same, "id": uuid.uuid4().hex[:12], "baseline_id": mine["baseline"]["id"],
                 "site_names": sites, "commit": COMMIT, "dirty": DIRTY}
 
@@ -199,6 +199,7 @@ def _run(model: str, data: str, seed: int, arm: str, args, dataset, mine: dict) 
                  shortcut=shortcut if arm == "measured" else None)
     if "same_sites_as" in row:
         return row
+    row.pop("grads", None)  # (round 3's per-step gradient panels; the round-4 report does not read them)
     row.update(round=4, preset="round4", id=uuid.uuid4().hex[:12], machine=machine(), commit=COMMIT, dirty=DIRTY)
     if arm == "measured":
         row["site_names"] = picked
