@@ -279,7 +279,7 @@ def family(table: dict, runs: dict[str, dict[str, str]], long_table: dict | None
     tests = {}
     for config, arms in table.items():
         for arm, diffs in arms.items():
-            if runs[config[0]][arm] == arm and len(diffs) > 1:
+            if runs[config[0]][arm] == arm and len(diffs) > 1 and any(diffs):  # (all 0: it picked no site)
                 tests[(config, arm)] = test(diffs)
     for config, arms in (long_table or {}).items():
         for arm, diffs in arms.items():
@@ -345,7 +345,7 @@ def report(args) -> str:
         cells = []
         for arm in PLACEMENTS:
             same, key = runs[model][arm], ((model, data), arm)
-            if same == "baseline":
+            if same == "baseline" or arms[arm] and not any(arms[arm]):
                 cells.append("0")
             elif key in tests:
                 mean, half, _ = tests[key]
