@@ -135,8 +135,8 @@ def equalize(
         warn(f"se_surgery: no interpolating upsampling feeds a fusion in {type(model).__name__} "
              f"({explain(program)}); the model is returned unchanged.")
         return target
+    form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))  # how a batch maps to the inputs
     if choice.measured is not None:
-        form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
         scales = branch_scales(target, program, sites, calibration_data, form=form,
                                norm=choose_norm(target, norm, calibration_data, input_fn),
                                frozen=frozen_norms(target, norm), max_batches=max_batches, input_fn=input_fn)
@@ -162,7 +162,7 @@ def equalize(
              f"nothing added.")
         return target
     try:
-        _finish(target, added + renewed, args, kwargs, calibration_data, choice, left, per_channel=per_channel,
+        _finish(target, added + renewed, args, kwargs, form, calibration_data, choice, left, per_channel=per_channel,
                 branches=branches, scale=scale, norm=norm, preserve_function=preserve_function,
                 max_batches=max_batches, progress=progress, input_fn=input_fn, program=program)
     except BaseException:
@@ -177,12 +177,12 @@ def equalize(
     return target
 
 
-def _finish(target: nn.Module, added: list[ScaleEqualizer], args, kwargs, calibration_data, choice: Where,
+def _finish(target: nn.Module, added: list[ScaleEqualizer], args, kwargs, form: tuple, calibration_data, choice: Where,
             left: dict[str, str], *, per_channel: bool, branches: str, scale: str, norm: str, preserve_function: bool,
             max_batches: int | None, progress: bool, input_fn: InputFn | None, program) -> None:
     """Record the recipe, verify the new equalizers against the graph, calibrate them, measure the spreads."""
     reg = registry(target)
-    reg.input_form = ("kwargs", tuple(kwargs)) if kwargs else ("args", len(args))
+    reg.input_form = form
     tensors = [*args, *kwargs.values()]
     if all(isinstance(t, torch.Tensor) for t in tensors):  # what restore() needs to find the same sites again
         chosen = {eq.name for eq in equalizers(target)}
