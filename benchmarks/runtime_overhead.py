@@ -13,10 +13,10 @@ bf16 autocast, the folded model in bf16, and a training step (bf16 autocast, SGD
 
 The CPU table's first column is a second set of copies of the original against the first: the noise of the
 method on this machine. ``--decompose`` splits the equalized model's cost in two more arms: *mechanism*, the
-original with what the runtime does per call and none of its work (each owner enters a pass-through
-``TorchFunctionMode`` for its forward, every module it calls pauses it, an ``nn.Upsample`` owner pauses its caller's,
-the model gets a no-op hook pair; no site is recognised, nothing is equalized), and *no arithmetic*, the equalized
-model whose equalizers return their input (the runtime's whole logic, none of the equalizers' arithmetic).
+original with what the runtime does per call and none of its work (each owner's instance forward pauses its
+caller's mode and enters a pass-through ``TorchFunctionMode`` around its class's forward, every module it calls
+pauses it, the model gets a no-op hook pair; no site is recognised, nothing is equalized), and *no arithmetic*,
+the equalized model whose equalizers return their input (the runtime's whole logic, none of the equalizers' arithmetic).
 
 Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--decompose]   (a quiet machine)
      python benchmarks/runtime_overhead.py --device cuda [--rounds 20]
@@ -138,31 +138,34 @@ def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.M
     owners = [mechanism.get_submodule(p) for p in equalized.scale_equalizers.owners]
     paused = []
 
-    def pause(_module, _args):
+    def pause(_module=None, _args=None):
         depth = torch._C._len_torch_function_stack()
         top = torch._C._get_function_stack_at(depth - 1) if depth else None
         paused.append(torch._C._pop_torch_function_stack() if isinstance(top, _PassThrough) else None)
 
-    def resume(_module, _args, _out):
+    def resume(_module=None, _args=None, _out=None):
         mode = paused.pop()
         if mode is not None:
             torch._C._push_on_torch_function_stack(mode)
 
-    def enter(module, args):  # (an owner pauses its caller's mode, as a callee does)
-        pause(module, args)
-        if not isinstance(module, torch.nn.Upsample):
-            _PassThrough().__enter__()
+    def owner_forward(owner):  # (as se_surgery's OwnerForward: pause the caller's mode, enter its own, run the class's)
+        run = type(owner).forward
 
-    def leave(module, args, out):
-        if not isinstance(module, torch.nn.Upsample):
-            torch._C._pop_torch_function_stack()
-        resume(module, args, out)
+        def forward(*args, **kwargs):
+            pause()
+            try:
+                if isinstance(owner, torch.nn.Upsample):
+                    return run(owner, *args, **kwargs)
+                with _PassThrough():
+                    return run(owner, *args, **kwargs)
+            finally:
+                resume()
+        return forward
 
     mechanism.register_forward_pre_hook(lambda _module, _args: None)  # (the model's pair: which model runs)
     mechanism.register_forward_hook(lambda _module, _args, _out: None, always_call=True)
     for owner in owners:
-        owner.register_forward_pre_hook(enter)
-        owner.register_forward_hook(leave, always_call=True)
+        owner.forward = owner_forward(owner)
         for callee in _callees(owner):
             if all(callee is not o for o in owners):
                 callee.register_forward_pre_hook(pause)
