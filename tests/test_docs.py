@@ -1,6 +1,8 @@
 """Pages whose figures come from a command: the command runs again and the page must agree with it, within the
 noise the page allows (random weights and generated data are seeded, so a rerun on one machine is identical; another
-CPU moves the last digits)."""
+CPU moves the last digits). The ``docs`` tier (``pytest -m docs``); ``.ci/run`` runs it with the rest. Speed figures
+(docs/performance.md, the README's times) come from ``benchmarks/`` and are not asserted here: a timed test would
+fail on a loaded machine, not on a wrong page."""
 
 import re
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.docs
 @pytest.mark.slow
 def test_the_scales_page_example_is_what_its_command_prints(tmp_path):
     page = (ROOT / "docs" / "scales.md").read_text()
@@ -37,3 +40,108 @@ def test_the_scales_page_example_is_what_its_command_prints(tmp_path):
     spreads = [max(g[i] for g in measured.values()) / min(g[i] for g in measured.values()) for i in (2, 3)]
     assert f"from {spreads[0]:.1f}x to {spreads[1]:.1f}x" in page.replace("\n", " ")
     assert (tmp_path / "scales.png").stat().st_size > 10_000
+
+
+def _section(path: Path, marker: str) -> str:
+    """What stands between ``<!-- MARKER:begin ... -->`` and ``<!-- MARKER:end -->`` in a page."""
+    return re.search(rf"<!-- {marker}:begin.*?-->\n(.*?)<!-- {marker}:end -->", path.read_text(), re.S).group(1)
+
+
+def _script(name: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.docs
+def test_the_method_pages_variance_table_is_the_exact_prediction():
+    # docs/method.md section 1: per axis E[(1-t)^2 + t^2] and the 2-D ratio, inside the image (exact to 3 digits).
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import upsampling_variance as uv
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    page = (ROOT / "docs" / "method.md").read_text()
+    for factor in uv.FACTORS:
+        row = re.search(rf"^\| x{factor} \| ([0-9.]+) \| ([0-9.]+) \|$", page, re.M)
+        assert row is not None, factor
+        assert float(row.group(1)) == round(uv.interior_ratio("linear", factor), 3)
+        assert float(row.group(2)) == round(uv.interior_ratio("bilinear", factor), 3)
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_evidence_pages_are_what_the_report_makes_of_the_rows(tmp_path):
+    # Round 3: docs/evidence/results.md, its section in docs/evidence/README.md and the README's headline table are
+    # regenerated from results.jsonl (exact: the rows are the data); the plot is drawn again.
+    (tmp_path / "results.jsonl").write_text((ROOT / "docs" / "evidence" / "results.jsonl").read_text())
+    _script("evidence", "--report", "--out", str(tmp_path), cwd=tmp_path)
+    made = (tmp_path / "results.md").read_text()
+    assert made == (ROOT / "docs" / "evidence" / "results.md").read_text()
+    assert made == _section(ROOT / "docs" / "evidence" / "README.md", "evidence")
+    assert (tmp_path / "evidence.png").stat().st_size > 10_000
+    headline = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'examples'); import evidence as e; "
+         "print(e.headline(e.read(e.ROOT / 'docs' / 'evidence' / 'results.jsonl')))"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert headline.returncode == 0, headline.stderr[-2000:]
+    assert headline.stdout == _section(ROOT / "README.md", "evidence-headline")
+    # Round 4: its report from its rows.
+    rows = tmp_path / "round4"
+    rows.mkdir()
+    for path in (ROOT / "docs" / "evidence" / "round4").glob("rows-*.jsonl"):
+        (rows / path.name).write_text(path.read_text())
+    _script("round4", "--report", "--out", str(rows), cwd=tmp_path)
+    assert (rows / "results.md").read_text() == (ROOT / "docs" / "evidence" / "round4" / "results.md").read_text()
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_zoo_pages_3d_example_is_what_its_command_prints(tmp_path):
+    # docs/zoo.md: MONAI SegResNet's branch stds before/after, from examples/segresnet_scales.py (seeded; another
+    # CPU moves the last digits: 1%).
+    out = _script("segresnet_scales", cwd=tmp_path)
+    before, after = out.split("## after")
+    measured = {}
+    for part, label in ((before, "before"), (after, "after")):
+        for line in part.splitlines():
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            if len(cells) == 10 and cells[0].startswith("model."):
+                measured[(cells[1], label)] = float(cells[6])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in (ROOT / "docs" / "zoo.md").read_text().splitlines()
+            if line.count("|") == 6 and "call0_" in line]
+    assert len(rows) == 4
+    for cells in rows:
+        branch = re.findall(r"`([^`]+)`", cells[1])[-1]
+        assert measured[(branch, "before")] == pytest.approx(float(cells[3]), rel=0.01), branch
+        assert measured[(branch, "after")] == pytest.approx(float(cells[4]), rel=0.01), branch
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_calibration_pages_table_is_what_its_command_measures():
+    # docs/calibration.md: the equalizers' output std per site in each mode, from examples/calibration_modes.py
+    # (seeded; 5% where it is near 1, and within a factor 1.5 for LR-ASPP's untouched running statistics, whose
+    # stds span 15 orders of magnitude).
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import calibration_modes
+        measured = {(label, norm): (trained, evaluated)
+                    for label, norm, trained, evaluated in calibration_modes.measure()}
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    shown = {}
+    for line in (ROOT / "docs" / "calibration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 4 and cells[1].startswith("`norm="):
+            shown[(cells[0], cells[1].split("'")[1])] = tuple([float(v) for v in c.split(" / ")] for c in cells[2:])
+    assert shown.keys() == measured.keys()
+    for key, columns in shown.items():
+        for page, got in zip(columns, measured[key]):
+            assert len(page) == len(got), key
+            for p, g in zip(page, got):
+                if 0.5 < p < 2:
+                    assert g == pytest.approx(p, rel=0.05), key
+                else:
+                    assert 1 / 1.5 < g / p < 1.5, key
