@@ -293,8 +293,9 @@ class _OwnerMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         op = self.funcs.get(func)
         kwargs = kwargs or {}
+        interpolating = resize_mode(func, args, kwargs) if op == "resize" else None
         # (handling: a call made while one of our modes handles another: its own ops, a nested owner's)
-        if op is None or _local.handling or op == "resize" and resize_mode(func, args, kwargs) is None:
+        if op is None or _local.handling or op == "resize" and interpolating is None:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):  # (reading a shape makes no tensor: a base case that only looks at
                 self.made += 1                 # its input is still a call without operations)
@@ -302,11 +303,11 @@ class _OwnerMode(TorchFunctionMode):
         self.made += 1
         _local.handling += 1
         try:
-            return self._handle(op, func, args, kwargs)
+            return self._handle(op, func, args, kwargs, interpolating)
         finally:
             _local.handling -= 1
 
-    def _handle(self, op: str, func, args, kwargs):
+    def _handle(self, op: str, func, args, kwargs, interpolating: str | None):
         frame = None
         source = traced_source_key() if torch.compiler.is_compiling() else None
         if source is None:  # eager (or non-strict export): from the Python frames
@@ -337,7 +338,7 @@ class _OwnerMode(TorchFunctionMode):
             (name,) = targets.values()
             equalizer = self.reg[name]
             x = args[0] if args else kwargs.pop("input")
-            _check_resize(equalizer.site, resize_mode(func, args, kwargs), align_corners(func, args, kwargs), x)
+            _check_resize(equalizer.site, interpolating, align_corners(func, args, kwargs), x)
             if _local.bypass:
                 return func(x, *args[1:], **kwargs)
             if equalizer.before_resize:
@@ -424,7 +425,10 @@ def _module_call(frame):
 
 def _forward(name: str, filename: str) -> bool:
     """A user's ``forward`` frame, or the rest of one that torch.compile resumes after a graph break."""
-    return (name == "forward" or name.startswith(RESUME_PREFIX + "forward")) and is_caller(filename)
+    return (name == "forward" or name.startswith(_RESUMED)) and is_caller(filename)
+
+
+_RESUMED = RESUME_PREFIX + "forward"
 
 
 def _check_calls(path: str, module: nn.Module, mode: _OwnerMode) -> None:

@@ -55,8 +55,10 @@ class ScaleEqualizer(nn.Module):
         the resize while calibrating, while hooks watch its output (they see what enters the fusion), and while
         torch.compile or torch.export traces (the compiler fuses it into the resize; graphs keep the paper's
         placement, which the ONNX fold reads)."""
-        return self.site is not None and self.site.kind == "upsample" and self.observer is None and \
-            not any(forward_hooks(self)) and not torch.compiler.is_compiling()
+        if self.observer is not None or self.site is None or self.site.kind != "upsample":
+            return False
+        pre, post = forward_hooks(self)
+        return not pre and not post and not torch.compiler.is_compiling()
 
     @property
     def name(self) -> str:
