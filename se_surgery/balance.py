@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import InputFn, RunningMoments, half_of, watch_pass
+from .calibrate import InputFn, RunningMoments, third_of, watch_pass
 from .errors import CalibrationError, warn
 from .find import find_sites
 from .install import attach, equalizers
@@ -26,7 +26,7 @@ from .site import Site
 from .state import registry
 from .where import FusionScales
 
-# How many calibration batches the measurement reads at most (after calibration: and half of them, see half_of).
+# How many calibration batches the measurement reads at most (after calibration: and a third of them, see third_of).
 PREMISE_BATCHES = 4
 # A fusion whose spread grows by more than this factor counts as driven further apart.
 WIDER = 1.1
@@ -107,7 +107,7 @@ def spreads(model: nn.Module, program: torch.export.ExportedProgram, data: Itera
     its equalized branches; see the module's docstring."""
     joins = list(dict.fromkeys(eq.site.joins for eq in equalizers(model)))
     branches, seen = _measure(model, program, set(joins), data, form=registry(model).input_form, norm=norm,
-                              batches=half_of(data, max_batches, PREMISE_BATCHES), input_fn=input_fn)
+                              batches=third_of(data, max_batches, PREMISE_BATCHES), input_fn=input_fn)
     found = []
     for fusion in joins:
         at = [s for s in branches if s.joins == fusion]

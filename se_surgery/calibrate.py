@@ -119,6 +119,13 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+class _AllSeen(Exception):
+    """Raised by the last watched equalizer to see a batch (of a calibration level, or of a measuring pass): the
+    rest of that forward (the decoder below, the head, the final upsampling) cannot change what the pass measures,
+    so the forward stops there. An ``Exception``, so that torch's cleaning hooks and se_surgery's run as for any
+    error; code of the model that catches it only makes the forward run whole."""
+
+
 class _Observer:
     """Watches one equalizer's input (and, for ``scale="restore"``, its resize's input) during calibration; names
     the site when the data is bad."""
@@ -128,6 +135,8 @@ class _Observer:
         self.moments = RunningMoments()
         self.source = RunningMoments() if scale == "restore" else None
         self.batch = 0
+        self.seen: int | None = None             # the last batch it saw
+        self.level: list[_Observer] = [self]     # the observers calibrated in the same pass
         self.bad_batch: int | None = None
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None) -> None:
@@ -139,6 +148,9 @@ class _Observer:
             if self.bad_batch is None and not bool(torch.isfinite(moments.mean).all() &
                                                    torch.isfinite(moments.m2).all()):
                 self.bad_batch = self.batch  # NaN/Inf in the input reach the moments; no extra pass over x
+        self.seen = self.batch
+        if all(obs.seen == self.batch for obs in self.level):
+            raise _AllSeen  # (run_batch lets it through; the level's pass ends this forward here)
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equalizer's ``(mean, std)``: the input's (``scale="unit"``), or for ``"restore"`` the affine map
@@ -237,6 +249,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     observers = [_Observer(eq, scale) for eq in targets]
     for eq, obs in zip(targets, observers):
         eq.observer = obs
+        obs.level = observers
     # Sites further downstream, not calibrated yet, pass their input through meanwhile.
     waiting = [eq for eq in equalizers(model) if not eq.is_calibrated and eq.observer is None]
     for eq in waiting:
@@ -248,7 +261,10 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
-                run_batch(model, args, kwargs, norm, index)
+                try:
+                    run_batch(model, args, kwargs, norm, index)
+                except _AllSeen:
+                    pass  # every site of the level has seen this batch: the rest of the forward cannot change them
                 seen += 1
     finally:
         for eq in targets + waiting:
@@ -281,7 +297,7 @@ def run_batch(model: nn.Module, args: tuple, kwargs: dict, norm: str, index: int
     that names the batch, what it held and what to do."""
     try:
         return model(*args, **kwargs)
-    except SeSurgeryError:
+    except (SeSurgeryError, _AllSeen):
         raise
     except Exception as error:
         if norm == "batch" and "Expected more than 1 value per channel" in str(error):
@@ -435,14 +451,16 @@ def ran_norms(model: nn.Module, data: Iterable, input_fn: InputFn | None) -> set
 CHECK_BATCHES = 4
 
 
-def half_of(data: Iterable, max_batches: int | None, cap: int) -> int:
-    """How many batches a measurement after calibration reads: at most ``cap``, and at most half of the batches
-    calibration read (rounded up), so that the other-mode check and the spread measurement together cost about one
-    pass over the calibration data, whatever its length."""
+def third_of(data: Iterable, max_batches: int | None, cap: int) -> int:
+    """How many batches a measurement after calibration reads: at most ``cap``, and a third of the batches
+    calibration read (at least one), so that the example forward, the other-mode check and the spread measurement
+    together cost about one pass over the calibration data, whatever its length."""
     read = len(data.kept) if isinstance(data, Replay) else _length(data)
     if max_batches is not None:
         read = max_batches if read is None else min(read, max_batches)
-    return max(1, min(cap, math.ceil(read / 2))) if read else max(1, cap // 2)
+    return max(1, min(cap, read // 3)) if read else max(1, cap // 3)
+
+
 # An equalizer whose output std, in the other norm mode, is outside this range of its target gets a warning.
 TARGET_RANGE = (0.5, 2.0)
 
@@ -478,13 +496,26 @@ def run_levels(model: nn.Module, eqs: list[ScaleEqualizer], data: Iterable, *, m
 def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data: Iterable, norm: str,
                max_batches: int, input_fn: InputFn | None) -> None:
     """One pass over at most ``max_batches`` of ``data`` with ``hook`` as a forward hook on every one of ``eqs``
-    (they act after their resize meanwhile), the norm layers as ``norm`` says, under ``torch.no_grad()``."""
-    hooks = [eq.register_forward_hook(hook) for eq in eqs]
+    (they act after their resize meanwhile), the norm layers as ``norm`` says, under ``torch.no_grad()``; each
+    forward ends once every one of ``eqs`` has seen its batch."""
+    seen: set[int] = set()
+
+    def watch(eq, inputs, out) -> None:
+        hook(eq, inputs, out)
+        seen.add(id(eq))
+        if len(seen) == len(eqs):
+            raise _AllSeen  # (every watched equalizer has seen this batch: the forward ends here)
+
+    hooks = [eq.register_forward_hook(watch) for eq in eqs]
     try:
         with norm_mode(model, norm, registry(model).frozen_norms), torch.no_grad():
             for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
                                                    desc="measuring", input_fn=input_fn):
-                run_batch(model, args, kwargs, norm, index)
+                seen.clear()
+                try:
+                    run_batch(model, args, kwargs, norm, index)
+                except _AllSeen:
+                    pass
     finally:
         for handle in hooks:
             handle.remove()
@@ -498,15 +529,23 @@ def _check_other_mode(model: nn.Module, eqs: list[ScaleEqualizer], targets: dict
     for training: its eval mode has no scales yet), where the model has no norm layer with running statistics
     (both modes are one), and where batch statistics cannot be taken (batches of one)."""
     other = "running" if norm == "batch" else "batch"
-    if not running_norms(model) or other == "running" and _untrained_run(model, data, input_fn):
+    if not running_norms(model):
         return
     found = {eq.name: RunningMoments(tuple(d for d in range(len(eq.site.shape)) if d != 1) if eq.per_channel
                                      else None) for eq in eqs}
+    ran: set[int] = set()  # (eval mode: the norm layers this pass runs, to tell whether it has scales at all)
+    probes = [m.register_forward_pre_hook(lambda m, _a: ran.add(id(m))) for _, m in running_norms(model)] \
+        if other == "running" and untrained_norms(model) else []
     try:
         watch_pass(model, eqs, lambda e, _i, out: found[e.name].update(out), data, other,
-                   half_of(data, max_batches, CHECK_BATCHES), input_fn)
+                   third_of(data, max_batches, CHECK_BATCHES), input_fn)
     except CalibrationError:
         return  # batches of one: no batch statistics to check against
+    finally:
+        for probe in probes:
+            probe.remove()
+    if probes and untrained_norms(model, ran):
+        return  # layers before the equalizers hold their initial statistics: eval mode has no scales to check
     off = []
     for eq in eqs:
         moments = found[eq.name]

@@ -201,3 +201,26 @@ def test_calibrating_while_another_thread_serves_the_model():
         new = eq(served)
     mixed = [out for out in outputs if not (torch.equal(out, old) or torch.equal(out, new))]
     assert outputs and len(mixed) <= 1  # (at most a forward at the instant the statistics go in)
+
+
+def test_a_calibration_level_stops_each_forward_after_its_last_site_with_the_statistics_of_a_whole_one():
+    # The level's pass ends a batch's forward once every site of the level has seen it: the fuse conv after the
+    # sites never runs in it, and the statistics are those of the whole upsampled branches.
+    from se_surgery.calibrate import calibrate_level
+
+    torch.manual_seed(0)
+    model, data = Small().eval(), _data()
+    eq = se.equalize(model, (data[0],), data, progress=False, norm="running")
+    for equalizer in se.equalizers(eq):
+        equalizer.reset()
+    fused = []
+    handle = eq.head.fuse.register_forward_hook(lambda *_: fused.append(1))
+    calibrate_level(eq, se.equalizers(eq), data, progress=False, norm="running")
+    assert not fused
+    for equalizer, (branch, _) in zip(se.equalizers(eq), _branches(model, data)):
+        torch.testing.assert_close(equalizer.mean, branch.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(equalizer.std, branch.std(correction=0), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        eq(data[0])  # (the model runs whole afterwards: nothing left behind by the stopped forwards)
+    handle.remove()
+    assert len(fused) == 1 and torch._C._len_torch_function_stack() == 0
