@@ -1,7 +1,7 @@
 """The README's times, measured: each command in a child process, wall and CPU seconds (user + system of the child
 and everything it starts), written between the README's ``times`` markers.
 
-    python benchmarks/readme_times.py            # demo, inspect, the fast tier (a few minutes on 2 cores)
+    python benchmarks/readme_times.py            # demo, inspect, the fast tier, the pretrained equalize (minutes)
     python benchmarks/readme_times.py --full     # and the whole test suite (about a quarter of an hour)
 
 Run it on a quiet machine: other work inflates the wall times (the CPU times much less).
@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -28,6 +29,23 @@ COMMANDS = [
     ("fast tier: `python -m pytest -q -m \"not slow\"`", [sys.executable, "-m", "pytest", "-q", "-m", "not slow",
                                                         "-p", "no:cacheprovider"]),
 ]
+# The README's pretrained example (its block, as written, after the imports of the Use block): equalize alone timed
+# in the child, against one plain pass over the same batches.
+PRETRAINED = """
+import re, time, warnings
+import segmentation_models_pytorch as smp
+import torch
+import se_surgery as se
+block = re.search(r"```python\\n(from se_surgery.integrations.lite0 .*?)```", open("README.md").read(), re.S).group(1)
+setup, call = block.rsplit("eq = ", 1)
+exec(setup)
+warnings.simplefilter("ignore")
+with torch.no_grad():
+    model(photos[0])  # (warm)
+    start = time.perf_counter(); [model(p) for p in photos]; plain = time.perf_counter() - start
+start = time.perf_counter(); exec("eq = " + call); took = time.perf_counter() - start
+print(f"{took:.1f} {plain:.2f}")
+"""
 FULL = ("the whole suite: `python -m pytest -q`", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"])
 
 
@@ -53,6 +71,11 @@ def main() -> None:
             raise SystemExit(f"{label} failed (exit {code})")
         rows.append(f"| {label} | {wall:.0f} | {cpu:.0f} |")
         print(rows[-1], flush=True)
+    done = subprocess.run([sys.executable, "-c", PRETRAINED], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the pretrained example failed: {done.stderr[-2000:]}")
+    took, plain = (float(v) for v in done.stdout.split())
+    print(f"pretrained equalize: {took:.1f} s, a plain pass {plain:.2f} s", flush=True)
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS") or f"torch's default, {torch.get_num_threads()}"
@@ -60,11 +83,16 @@ def main() -> None:
                f"{threads}; a quiet machine")
     command = "python benchmarks/readme_times.py" + (" --full" if args.full else "")
     section = "\n".join(rows) + f"\n\n({machine}; `{command}`.)\n"
+    equalize = (f"That `equalize` (smp PSPNet on the Lite0 encoder, 8 batches of 4 x 3 x 256 x 256, training mode) "
+                f"takes {took:.1f} s wall, {took / plain:.1f} times one plain inference pass over the same batches "
+                f"({plain:.2f} s), the export of its graph included ({machine}; `{command}`).")
+    equalize = textwrap.fill(equalize, 117, break_on_hyphens=False, break_long_words=False) + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = re.sub(r"(<!-- times:begin.*?-->\n).*?(?=<!-- times:end -->)", lambda m: m.group(1) + section, text,
-                 flags=re.S)
-    readme.write_text(new)
+    for marker, body in (("times", section), ("equalize-time", equalize)):
+        text = re.sub(rf"(<!-- {marker}:begin.*?-->\n).*?(?=<!-- {marker}:end -->)", lambda m: m.group(1) + body,
+                      text, flags=re.S)
+    readme.write_text(text)
 
 
 if __name__ == "__main__":
