@@ -145,3 +145,44 @@ def test_the_calibration_pages_table_is_what_its_command_measures():
                     assert g == pytest.approx(p, rel=0.05), key
                 else:
                     assert 1 / 1.5 < g / p < 1.5, key
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_limits_pages_preserve_figure_is_what_equalize_reports():
+    # docs/limits.md: how far preserve_function moves smp UPerNet's output (relative to its max abs), eval and
+    # training mode, on tests/zoo.py's model, a seeded example and its batches (another CPU: 5%).
+    import warnings
+
+    import torch
+    from zoo import batches, build, inputs
+
+    import se_surgery as se
+
+    page = " ".join((ROOT / "docs" / "limits.md").read_text().split())
+    shown = re.search(r"output moves by ([0-9.]+) \(eval mode\) and ([0-9.]+) \(training mode\)", page)
+    for mode, figure in zip(("eval", "train"), shown.groups()):
+        torch.manual_seed(0)
+        model = getattr(build("smp_UPerNet"), mode)()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eq = se.equalize(model, inputs("smp_UPerNet", torch.randn(2, 3, 128, 128)), batches("smp_UPerNet"),
+                             progress=False, preserve_function=True)
+        assert eq.scale_equalizers.output_change == pytest.approx(float(figure), rel=0.05), mode
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_variance_table_of_the_evidence_page_is_what_its_command_prints(tmp_path):
+    # docs/evidence/README.md: examples/upsampling_variance.py's table (seeded; the predictions are exact, the
+    # measured ratios move in the last digit on another CPU); the plot is drawn again, apart.
+    out = _script("upsampling_variance", "--plot", str(tmp_path / "variance.png"), cwd=tmp_path)
+    def rows(text):
+        return {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")[4:-1]]
+                for line in text.splitlines() if re.match(r"\| (linear|bilinear|bicubic|trilinear) \|", line)}
+    made, page = rows(out), rows((ROOT / "docs" / "evidence" / "README.md").read_text())
+    assert made.keys() == page.keys() and len(page) == 24
+    for key, cells in page.items():
+        assert made[key][1:] == cells[1:], key  # the predictions
+        assert float(made[key][0].split()[0]) == pytest.approx(float(cells[0].split()[0]), abs=0.001), key
+    assert (tmp_path / "variance.png").stat().st_size > 10_000
