@@ -162,7 +162,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/finetune"))
+    parser.add_argument("--report", action="store_true", help="only write results.md and the plot from OUT/log.json")
     args = parser.parse_args()
+    if args.report:
+        recorded = json.loads((args.out / "log.json").read_text())
+        report(recorded["results"], recorded["log"], args.out)
+        return
     torch.set_num_threads(args.threads)
     train = shapes(512, args.size, seed=1000)
     test = shapes(128, args.size, seed=2000)
@@ -174,6 +179,14 @@ def main() -> None:
             results[arm].append(run_arm(arm, seed, args, train, test, log))
             print(f"seed {seed} {arm:9s} mIoU {results[arm][-1]:.4f}  ({time.perf_counter() - start:.0f} s)",
                   flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s; {args.seeds} seeds x {len(ARMS)} arms x {args.steps} steps")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "log.json").write_text(json.dumps({"results": results, "log": log, "args": vars(args)}, default=str))
+    report(results, log, args.out)
+
+
+def report(results: dict[str, list[float]], log: list, out: Path) -> None:
+    """``out/results.md`` (the table) and ``out/finetune.png`` from the runs' results and log."""
     lines = ["| arm | test mIoU, mean | std | per seed |", "|---|---|---|---|"]
     for arm in ARMS:
         v = results[arm]
@@ -184,12 +197,8 @@ def main() -> None:
     lines += [f"- {arm}: " + ", ".join(f"{k} {v:.3g}" for k, v in first[arm].items()) for arm in ARMS]
     table = "\n".join(lines)
     print(table)
-    print(f"total {time.perf_counter() - start:.0f} s; {args.seeds} seeds x {len(ARMS)} arms x {args.steps} steps")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "log.json").write_text(json.dumps({"results": results, "log": log, "args": vars(args)}, default=str))
-    plot(results, log, args.out / "finetune.png")
-
+    (out / "results.md").write_text(table + "\n")
+    plot(results, log, out / "finetune.png")
 
 if __name__ == "__main__":
     main()

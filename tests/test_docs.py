@@ -186,3 +186,17 @@ def test_the_variance_table_of_the_evidence_page_is_what_its_command_prints(tmp_
         assert made[key][1:] == cells[1:], key  # the predictions
         assert float(made[key][0].split()[0]) == pytest.approx(float(cells[0].split()[0]), abs=0.001), key
     assert (tmp_path / "variance.png").stat().st_size > 10_000
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_finetune_results_are_what_the_report_makes_of_the_log(tmp_path):
+    # docs/finetune/: results.md and the plot from log.json (exact: the log is the data; the training itself takes
+    # a quarter of an hour and is not rerun here); docs/evidence/README.md quotes the table.
+    (tmp_path / "log.json").write_text((ROOT / "docs" / "finetune" / "log.json").read_text())
+    _script("finetune_experiment", "--report", "--out", str(tmp_path), cwd=tmp_path)
+    made = (tmp_path / "results.md").read_text()
+    assert made == (ROOT / "docs" / "finetune" / "results.md").read_text()
+    table = [line for line in made.splitlines() if line.startswith("|")]
+    assert "\n".join(table) in (ROOT / "docs" / "evidence" / "README.md").read_text()
+    assert (tmp_path / "finetune.png").stat().st_size > 10_000
