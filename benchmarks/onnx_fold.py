@@ -1,6 +1,7 @@
 """onnxruntime latency at 512x512 of: the original model's export, the equalized unfolded export, and the folded
 export, as ratios to the original (median of repeated runs, interleaved in one process), plus node counts.
 Run: python benchmarks/onnx_fold.py [--repeats 30]
+     python benchmarks/onnx_fold.py --counts     # the node counts alone (exact; no timing: docs/performance.md)
 """
 
 import argparse
@@ -27,8 +28,14 @@ STATIC = {"smp_UPerNet"}  # adaptive pooling to fixed bins: torch.onnx bakes the
 
 
 def _export(model, example, path, dynamic):
+    """torch.onnx.export as se.export_onnx calls it: dynamic batch (exported on a batch of two, as a batch of one is
+    specialised), and dynamic height/width where the model allows them."""
     auto = torch.export.Dim.AUTO
     shapes = {0: auto, **({2: auto, 3: auto} if dynamic else {})}
+    def two(t):
+        return t.expand(2, *t.shape[1:]).contiguous()
+
+    example = {k: two(v) for k, v in example.items()} if isinstance(example, dict) else tuple(map(two, example))
     if isinstance(example, dict):
         torch.onnx.export(model, (), kwargs=example, dynamo=True, verbose=False,
                           dynamic_shapes={"pixel_values": shapes}).save(path)
@@ -40,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--counts", action="store_true", help="node counts only (no onnxruntime timing)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -61,6 +69,10 @@ def main() -> None:
             sessions = {k: ort.InferenceSession(p, options, providers=["CPUExecutionProvider"])
                         for k, p in paths.items()}
             nodes = {k: len(onnx.load(p).graph.node) for k, p in paths.items()}
+            if args.counts:
+                print(f"| {name} | {len(list(se.equalizers(eq)))} | {nodes['original']} / {nodes['unfolded']} / "
+                      f"{nodes['folded']} |", flush=True)
+                continue
             feed = {sessions["original"].get_inputs()[0].name: x.numpy().astype(np.float32)}
             times = {k: [] for k in sessions}
             for s in sessions.values():

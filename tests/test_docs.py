@@ -200,3 +200,19 @@ def test_the_finetune_results_are_what_the_report_makes_of_the_log(tmp_path):
     table = [line for line in made.splitlines() if line.startswith("|")]
     assert "\n".join(table) in (ROOT / "docs" / "evidence" / "README.md").read_text()
     assert (tmp_path / "finetune.png").stat().st_size > 10_000
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_performance_pages_onnx_node_counts_are_what_the_benchmark_exports():
+    # docs/performance.md's ONNX table: nodes of the original, unfolded and folded exports (exact); its latencies are
+    # timings, measured by the same script and not asserted here.
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "onnx_fold.py"), "--counts"], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    def counts(text):
+        return {cells[0]: cells[1:3] for line in text.splitlines()
+                if len(cells := [c.strip() for c in line.split("|")[1:-1]]) >= 3 and "/" in cells[2]
+                and cells[0] != "model"}
+    made, page = counts(done.stdout), counts((ROOT / "docs" / "performance.md").read_text())
+    assert made == page and len(page) == 6
