@@ -214,5 +214,25 @@ def test_the_performance_pages_onnx_node_counts_are_what_the_benchmark_exports()
         return {cells[0]: cells[1:3] for line in text.splitlines()
                 if len(cells := [c.strip() for c in line.split("|")[1:-1]]) >= 3 and "/" in cells[2]
                 and cells[0] != "model"}
-    made, page = counts(done.stdout), counts((ROOT / "docs" / "performance.md").read_text())
+    made = counts(done.stdout)
+    page = counts((ROOT / "docs" / "performance.md").read_text().split("## The ONNX fold")[1])
     assert made == page and len(page) == 6
+
+
+@pytest.mark.docs
+@pytest.mark.slow
+def test_the_method_pages_pretrained_variance_and_calibration_figures_hold(tmp_path):
+    # docs/method.md: the range of variance bilinear x2 keeps on the pretrained Lite0's maps (its command; another
+    # CPU: 0.01), and the figures it quotes from docs/calibration.md's table (which its own test reruns).
+    page = " ".join((ROOT / "docs" / "method.md").read_text().split())
+    low, high = (float(v) for v in re.search(r"bilinear x2 keeps ([0-9.]+)-([0-9.]+) of the variance", page).groups())
+    out = _script("upsampling_variance", "--pretrained", cwd=tmp_path)
+    ratios = [float(line.split("|")[2]) for line in out.splitlines() if re.match(r"\| \d+ x", line)]
+    assert len(ratios) == 5
+    assert min(ratios) == pytest.approx(low, abs=0.01) and max(ratios) == pytest.approx(high, abs=0.01)
+    table = (ROOT / "docs" / "calibration.md").read_text()
+    pspnet = re.search(r"\| smp PSPNet, evidence setup \| `norm='running'` \| ([^|]+) \|", table).group(1)
+    stds = [float(v) for v in pspnet.split(" / ")]
+    assert f"std {min(stds):.2f}-{max(stds):.2f} in training mode" in page
+    lraspp = re.search(r"\| torchvision LR-ASPP, random weights \| `norm='running'` \| ([^|]+) \|", table).group(1)
+    assert f"std of {float(lraspp):.1e}".replace("e+0", "e") in page
