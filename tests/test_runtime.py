@@ -497,6 +497,51 @@ def test_a_callee_hook_that_resizes_is_not_taken_for_the_site(kind):
     assert maps["p"].shape == (1, 4, 64, 64)
 
 
+class Wrapped(nn.Module):
+    """:class:`Projected` as a submodule (the owner is ``inner``, not the model) behind a stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.inner = nn.Conv2d(3, 3, 1), Projected()
+
+    def forward(self, x):
+        return self.inner(self.stem(x))
+
+
+@pytest.mark.parametrize("callee", ["proj", "pa", "fuse"])
+def test_a_resizing_hook_on_any_callee_of_a_submodule_owner_is_not_taken_for_the_site(callee):
+    data = _data()
+    eq = se.equalize(Wrapped().eval(), (data[0],), data, progress=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = eq(x)
+    maps = []
+    getattr(eq.inner, callee).register_forward_hook(
+        lambda m, a, out: maps.append(F.interpolate(out, size=(64, 64), mode="bilinear")))
+    with torch.no_grad():
+        assert torch.equal(eq(x), expected)
+    assert len(maps) == 1 and maps[0].shape[-2:] == (64, 64)
+
+
+@pytest.mark.slow
+def test_a_resizing_hook_on_a_callee_of_smp_upernets_decoder_is_not_taken_for_a_site():
+    from zoo import batches, build, inputs
+
+    torch.manual_seed(0)
+    eq = se.equalize(build("smp_UPerNet").eval(), inputs("smp_UPerNet", torch.randn(2, 3, 128, 128)),
+                     batches("smp_UPerNet"), progress=False)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        expected = eq(x)
+    maps = []
+    for block in (eq.decoder.fpn_conv_blocks[0], eq.decoder.fusion_block):  # callees of the decoder, an owner
+        block.register_forward_hook(lambda m, a, out: maps.append(F.interpolate(out, scale_factor=2,
+                                                                                 mode="bilinear")))
+    with torch.no_grad():
+        assert torch.equal(eq(x), expected)
+    assert len(maps) == 2
+
+
 class BaseCase(nn.Module):
     """A recursion whose base case only reads its input's shape and returns it: two sites, the graph's calls."""
 
