@@ -15,7 +15,9 @@ extra calls elsewhere do not change that identity. What cannot be matched raises
 :class:`~se_surgery.SiteMismatchError` naming the cause: an equalizer never acts on another tensor.
 
 The mode dispatches only the owner's own calls, so the modules it calls (convs, norms, blocks) get hooks that take
-the mode off the stack for their call (:func:`_enter_callee`). An owner that is an ``nn.Upsample`` needs no mode:
+the mode off the stack for their call (:func:`_enter_callee`). In eager runs an owner whose sites are all resizes its
+class's ``forward`` makes through ``F.interpolate`` runs without a mode: that ``forward`` bound to
+:func:`_interpolate` (:mod:`se_surgery.bound`), which asks the same record (an :class:`_OwnerMode` not entered). An owner that is an ``nn.Upsample`` needs no mode:
 its call is the site, and its ``OwnerForward`` equalizes its input or output directly. An upsampling's equalizer
 acts on the resize's input in eager runs, the same map at 1/factor^d of the work
 (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
@@ -45,10 +47,12 @@ import weakref
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .bound import bound
 from .equalizer import ScaleEqualizer
 from .errors import SiteMismatchError
 from .ops import FUSION_FUNCS, INPLACE_FUNCS, RESIZE_FUNCS, align_corners, branch_inputs, resize_mode
@@ -92,6 +96,7 @@ class _PerThread(threading.local):
         self.forwards: list[_Forward | None] = []  # equalized models whose forward runs here, innermost last
         self.frames: list = []                      # the module-call frame of each (None: traced), to find stale ones
         self.owners: list[nn.Module] = []           # owners whose OwnerForward runs here, innermost last
+        self.bound: list[_OwnerMode] = []           # the record of each running bound owner call, innermost last
         self.paused: dict[int, list] = {}           # id(hooked callee) -> the mode each of its running calls paused
         self.handling = 0                           # >0 while one of our modes handles a call: others pass it on
         self.bypass = 0                             # >0: equalizers pass their input through (capturing)
@@ -184,11 +189,19 @@ class OwnerForward:
             # that makes no tensor operation, such as a recursion's base case returning its input)
             caller = None if torch.compiler.is_dynamo_compiling() else _module_call(sys._getframe(1))  # (no frames)
             mode = _OwnerMode(forward, owner, call, caller)
-            mode.__enter__()
-            try:
-                out = self._run(args, kwargs)
-            finally:
-                mode.__exit__(None, None, None)
+            if owner.bound and caller is not None and call < owner.calls and self.inner is None and \
+                    not torch.compiler.is_compiling():
+                _local.bound.append(mode)  # (its forward's F.interpolate asks this record: no mode on the stack)
+                try:
+                    out = bound(type(module).forward, _interpolate)(module, *args, **kwargs)
+                finally:
+                    _local.bound.pop()
+            else:
+                mode.__enter__()
+                try:
+                    out = self._run(args, kwargs)
+                finally:
+                    mode.__exit__(None, None, None)
         finally:
             _local.owners.pop()
             if paused is not None:
@@ -201,6 +214,24 @@ class OwnerForward:
         _check_calls(path, module, mode)
         _check_met(path, module, mode)
         return out
+
+
+def _interpolate(input, *args, **kwargs):
+    """``F.interpolate`` as a bound owner forward (:mod:`se_surgery.bound`) calls it: recognised and equalized by the
+    record of the owner call on top of this thread's stack, as its mode would."""
+    mode = _local.bound[-1] if _local.bound else None
+    if mode is None or _local.handling:
+        return F.interpolate(input, *args, **kwargs)
+    args = (input, *args)
+    interpolating = resize_mode(F.interpolate, args, kwargs)
+    mode.made += 1
+    if interpolating is None:
+        return F.interpolate(*args, **kwargs)
+    _local.handling += 1
+    try:
+        return mode._handle("resize", F.interpolate, args, kwargs, interpolating)
+    finally:
+        _local.handling -= 1
 
 
 def _forward_of(module: nn.Module, path: str) -> _Forward:

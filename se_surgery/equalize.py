@@ -255,7 +255,17 @@ def _verify(model: nn.Module, added: list[ScaleEqualizer], args, kwargs) -> None
         eq.observer = lambda x, _source, eq=eq: seen[id(eq)].append(tuple(x.shape))
     try:
         with eval_mode(model), torch.no_grad():
-            model(*args, **kwargs)
+            try:
+                model(*args, **kwargs)
+            except SiteMismatchError:
+                owners = registry(model).owners.values()
+                if not any(owner.bound for owner in owners):
+                    raise
+                for owner in owners:  # a site call the bound forwards cannot reach: the owners' modes find it
+                    owner.bound = False
+                for shapes in seen.values():
+                    shapes.clear()
+                model(*args, **kwargs)
     finally:
         for eq in added:
             eq.observer = None

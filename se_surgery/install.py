@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bound import binds
 from .dispatch import (
     OwnerForward,
     _enter_callee,
@@ -62,6 +63,7 @@ def reattach(model: nn.Module) -> list[ScaleEqualizer]:
                              f"or put back a module of the class the sites were found in.")
         _remove_hooks(module)
         _hook_owner(module, path, reg)
+        reg.owners[path].bound = binds(module, reg.owners[path])
         _sync_callees(model)
         for targets in reg.owners[path].sites.values():
             for name in targets.values():
@@ -169,6 +171,9 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         reg[name] = equalizer
         owner.add(site, name)
         added.append(equalizer)
+    for site in sites:
+        owner = reg.owners[site.owner]
+        owner.bound = binds(model.get_submodule(site.owner), owner)
     _sync_callees(model)
     return added
 

@@ -83,6 +83,7 @@ class OwnerSites:
     train_calls: int | None = None                 # the training-mode graph's count, where it differs
     sites: dict[CallKey, dict[int, str]] = field(default_factory=dict)   # call -> {fusion input: equalizer name}
     line_calls: dict[tuple[int, str, str], int] = field(default_factory=dict)  # (call, op, source) -> count
+    bound: bool = False                            # its forward runs bound to the site finder (se_surgery.bound)
 
     @property
     def ops(self) -> frozenset[str]:

@@ -550,10 +550,16 @@ def test_the_runtime_dispatches_only_the_calls_an_owner_makes_itself(monkeypatch
     monkeypatch.setattr(dispatch._OwnerMode, "__torch_function__", spy)
     data = _data()
     eq = _eq(Small())
+    (owner,) = eq.scale_equalizers.owners.values()
+    assert owner.bound  # the head's forward runs bound to the site finder: no mode at all
     seen.clear()
     with torch.no_grad():
-        eq(data[0])
-    assert "conv2d" not in seen and seen.count("interpolate") == 2 and "cat" in seen  # the head's own calls only
+        expected = eq(data[0])
+    assert seen == []
+    owner.bound = False  # in its mode (as under torch.compile), the head's own calls only
+    with torch.no_grad():
+        assert torch.equal(eq(data[0]), expected)
+    assert "conv2d" not in seen and seen.count("interpolate") == 2 and "cat" in seen
 
     model, ups = TwoPaths(), []
     model.up.register_forward_hook(lambda m, args, out: ups.append(out))  # the user's, from before: sees the

@@ -602,3 +602,69 @@ def test_a_plain_module_of_an_owners_class_sharing_a_conv_with_it_runs():
         plain(data[0])
         with pytest.raises(se.SiteMismatchError, match=r"Projected.forward was called on an equalized owner without"):
             Projected.forward(eq, data[0])
+
+
+class _Helper(nn.Module):
+    """The site's resize sits in a helper method: its owner runs in its mode, not bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.pa, self.pb, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(8, 5, 1)
+
+    def up(self, x):
+        return F.interpolate(x, scale_factor=2, mode="bilinear")
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.pa(x), self.up(self.pb(x))], 1))
+
+
+class _Stored(nn.Module):
+    """The resize is a ``functools.partial`` kept on the instance: no check of the code sees it; verifying the
+    equalizers on the example does, and the owner falls back to its mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.pa, self.pb, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(8, 5, 1)
+        self.resize = functools.partial(F.interpolate, scale_factor=2, mode="bilinear")
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.pa(x), self.resize(self.pb(x))], 1))
+
+
+class _Deprecated(nn.Module):
+    """The resize through ``F.upsample_bilinear`` (a deprecated wrapper of F.interpolate): bound as well."""
+
+    def __init__(self):
+        super().__init__()
+        self.pa, self.pb, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.pa(x), F.upsample_bilinear(self.pb(x), scale_factor=2)], 1))
+
+
+@pytest.mark.filterwarnings("ignore:.*upsample_bilinear.*deprecated")
+@pytest.mark.parametrize("cls, bound", [(Projected, True), (_Deprecated, True), (_Helper, False), (_Stored, False)])
+def test_an_owner_runs_bound_where_its_forward_reaches_every_site_and_in_its_mode_elsewhere(cls, bound):
+    data = _data()
+    eq = se.equalize(cls().eval(), (data[0],), data, progress=False)
+    (owner,) = eq.scale_equalizers.owners.values()
+    assert owner.bound is bound
+    seen = []
+    (equalizer,) = se.equalizers(eq)
+    equalizer.register_forward_hook(lambda m, a, out: seen.append(out))  # (after its resize while hooked)
+    with torch.no_grad():
+        for x in data:
+            eq(x)
+    out = torch.cat(seen)
+    assert len(seen) == len(data) and abs(out.mean().item()) < 1e-4 and abs(out.std(unbiased=False).item() - 1) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smp_UPerNet", "smp_PSPNet", "smp_FPN", "hf_segformer", "tv_deeplabv3"])
+def test_the_zoos_owners_run_bound(name):
+    from zoo import batches, build, inputs
+
+    torch.manual_seed(0)
+    eq = se.equalize(build(name).eval(), inputs(name, torch.randn(2, 3, 128, 128)), batches(name), progress=False)
+    owners = eq.scale_equalizers.owners
+    assert owners and all(owner.bound for owner in owners.values()), {p: o.bound for p, o in owners.items()}

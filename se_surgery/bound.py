@@ -1,0 +1,90 @@
+"""An owner's ``forward`` bound to the runtime's site finder: the class's own ``forward`` function run with a copy of
+its globals in which ``F.interpolate`` (reached as ``F.interpolate``, ``nn.functional.interpolate``,
+``torch.nn.functional.interpolate`` or an imported ``interpolate``, under any alias) is a function the runtime
+gives. The owner's other calls then run at full speed: no ``TorchFunctionMode`` sees them (docs/performance.md
+measures what the mode costs).
+
+Only where that reaches every site call: :func:`binds` checks the forward's code (every site a resize from the
+class's own ``forward``; no helper method, ``super()``, Python function of its own module, deprecated
+``F.upsample*`` or direct ATen resize on the way; no ``interpolate`` captured in a default or closure). Anything it
+cannot see is caught when the equalizers are verified on the example, which then falls back to the mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import OwnerSites
+
+# Names whose call reaches a resize without F.interpolate: the ATen functions (``F.upsample*``, deprecated wrappers
+# of F.interpolate, are bound as well).
+_OTHER_RESIZES = {"ops", "_nn", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                  "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"}
+_WRAPPERS = ("upsample", "upsample_bilinear", "upsample_nearest")
+_BOUND: dict[tuple[Callable, Callable], Callable] = {}
+
+
+def binds(module: nn.Module, owner: OwnerSites) -> bool:
+    """Whether the owner's calls can run bound (see the module's docstring)."""
+    function = type(module).forward
+    if not isinstance(function, types.FunctionType) or not owner.sites:
+        return False
+    if any(key.op != "resize" or key.source.rpartition("+")[0] != function.__qualname__ for key in owner.sites):
+        return False
+    names = set()
+    codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    if "super" in names or names & _OTHER_RESIZES:
+        return False
+    for name in names:
+        value = function.__globals__.get(name)
+        if isinstance(value, types.FunctionType) and value is not F.interpolate and \
+                not value.__module__.startswith("torch"):
+            return False  # a function of the model's own code: it may resize with its own globals
+        attribute = inspect.getattr_static(type(module), name, None)
+        if isinstance(attribute, (types.FunctionType, staticmethod, classmethod, property)) and \
+                inspect.getattr_static(nn.Module, name, None) is not attribute:
+            return False  # a helper method of the class
+    captured = [*(function.__defaults__ or ()), *(function.__kwdefaults__ or {}).values(),
+                *(cell.cell_contents for cell in function.__closure__ or ())]
+    return not any(value is F.interpolate or value is F for value in captured)
+
+
+def bound(function: Callable, interpolate: Callable) -> Callable:
+    """``function`` with ``interpolate`` for ``F.interpolate`` in its globals (made once per function)."""
+    found = _BOUND.get((function, interpolate))
+    if found is None:
+        wrappers = {name: _with(getattr(F, name), {id(F.interpolate): interpolate}) for name in _WRAPPERS}
+        functional = _module_like(F, interpolate=interpolate, **wrappers)
+        torch_nn = _module_like(nn, functional=functional)
+        found = _BOUND[(function, interpolate)] = _with(function, {
+            id(F): functional, id(nn): torch_nn, id(torch): _module_like(torch, nn=torch_nn),
+            id(F.interpolate): interpolate, **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
+    return found
+
+
+def _with(function: types.FunctionType, replaced: dict[int, object]) -> types.FunctionType:
+    """``function`` with a copy of its globals in which each value whose id is a key of ``replaced`` is replaced."""
+    names = {k: replaced.get(id(v), v) for k, v in function.__globals__.items()}
+    made = types.FunctionType(function.__code__, names, function.__name__, function.__defaults__,
+                              function.__closure__)
+    made.__kwdefaults__ = function.__kwdefaults__
+    made.__qualname__ = function.__qualname__
+    return made
+
+
+def _module_like(module: types.ModuleType, **replaced) -> types.ModuleType:
+    """A module object with ``module``'s names (its lazy ``__getattr__`` too) and ``replaced`` instead."""
+    made = types.ModuleType(module.__name__, module.__doc__)
+    made.__dict__.update(vars(module))
+    made.__dict__.update(replaced)
+    return made
