@@ -14,8 +14,9 @@ bf16 autocast, the folded model in bf16, and a training step (bf16 autocast, SGD
 The CPU table's first column is a second set of copies of the original against the first: the noise of the
 method on this machine. ``--decompose`` splits the equalized model's cost in two more arms: *mechanism*, the
 original with what the runtime does per call and none of its work (each owner's instance forward pauses its
-caller's mode and enters a pass-through ``TorchFunctionMode`` around its class's forward, every module it calls
-pauses it, the model gets a no-op hook pair; no site is recognised, nothing is equalized), and *no arithmetic*,
+caller's mode and, unless it runs bound (se_surgery/bound.py), enters a pass-through ``TorchFunctionMode`` around its
+class's forward; every module it calls has the pausing hook pair, the model a no-op hook pair; no site is
+recognised, nothing is equalized), and *no arithmetic*,
 the equalized model whose equalizers return their input (the runtime's whole logic, none of the equalizers' arithmetic).
 
 Run: python benchmarks/runtime_overhead.py [--rounds 40] [--sizes 64 192] [--decompose]   (a quiet machine)
@@ -135,7 +136,8 @@ class _PassThrough(TorchFunctionMode):
 def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with the runtime's per-call mechanism and none of its work (see the module docstring)."""
     (mechanism,) = _copies(model, 1)
-    owners = [mechanism.get_submodule(p) for p in equalized.scale_equalizers.owners]
+    sites = equalized.scale_equalizers.owners
+    owners = [mechanism.get_submodule(p) for p in sites]
     paused = []
 
     def pause(_module=None, _args=None):
@@ -148,13 +150,13 @@ def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.M
         if mode is not None:
             torch._C._push_on_torch_function_stack(mode)
 
-    def owner_forward(owner):  # (as se_surgery's OwnerForward: pause the caller's mode, enter its own, run the class's)
+    def owner_forward(owner, bound):  # (as OwnerForward: pause the caller's mode, enter its own unless bound)
         run = type(owner).forward
 
         def forward(*args, **kwargs):
             pause()
             try:
-                if isinstance(owner, torch.nn.Upsample):
+                if bound or isinstance(owner, torch.nn.Upsample):
                     return run(owner, *args, **kwargs)
                 with _PassThrough():
                     return run(owner, *args, **kwargs)
@@ -164,8 +166,8 @@ def _mechanism(model: torch.nn.Module, equalized: torch.nn.Module) -> torch.nn.M
 
     mechanism.register_forward_pre_hook(lambda _module, _args: None)  # (the model's pair: which model runs)
     mechanism.register_forward_hook(lambda _module, _args, _out: None, always_call=True)
-    for owner in owners:
-        owner.forward = owner_forward(owner)
+    for path, owner in zip(sites, owners):
+        owner.forward = owner_forward(owner, sites[path].bound)
         for callee in _callees(owner):
             if all(callee is not o for o in owners):
                 callee.register_forward_pre_hook(pause)

@@ -17,10 +17,10 @@ extra calls elsewhere do not change that identity. What cannot be matched raises
 The mode dispatches only the owner's own calls, so the modules it calls (convs, norms, blocks) get hooks that take
 the mode off the stack for their call (:func:`_enter_callee`). In eager runs an owner whose sites are all resizes its
 class's ``forward`` makes through ``F.interpolate`` runs without a mode: that ``forward`` bound to
-:func:`_interpolate` (:mod:`se_surgery.bound`), which asks the same record (an :class:`_OwnerMode` not entered). An owner that is an ``nn.Upsample`` needs no mode:
-its call is the site, and its ``OwnerForward`` equalizes its input or output directly. An upsampling's equalizer
-acts on the resize's input in eager runs, the same map at 1/factor^d of the work
-(:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
+:func:`_interpolate` (:mod:`se_surgery.bound`), which asks the same record (an :class:`_OwnerMode` not entered).
+An owner that is an ``nn.Upsample`` needs no mode: its call is the site, and its ``OwnerForward`` equalizes its
+input or output directly. An upsampling's equalizer acts on the resize's input in eager runs, the same map at
+1/factor^d of the work (:attr:`~se_surgery.equalizer.ScaleEqualizer.before_resize`).
 
 Invariants, checked where they can break:
 
@@ -197,6 +197,7 @@ class OwnerForward:
                 finally:
                     _local.bound.pop()
             else:
+                mode.funcs = _FUNCS[owner.ops]
                 mode.__enter__()
                 try:
                     out = self._run(args, kwargs)
@@ -315,7 +316,7 @@ class _OwnerMode(TorchFunctionMode):
         super().__init__()
         self.forward, self.reg, self.owner, self.call = forward, forward.reg, owner, call
         self.caller = caller  # the frame of nn.Module's call machinery that runs this owner call (eager; else None)
-        self.funcs = _FUNCS[owner.ops]  # the torch functions that can be this owner's sites, and their op kind
+        self.funcs: dict = {}  # the torch functions that can be this owner's sites and their op kind (set on entering)
         self.seen: dict[tuple[str, str], int] = defaultdict(int)
         self.met: list[str] = []
         self.checkpointed = False  # a resize ran inside torch.utils.checkpoint from a line without sites
