@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,8 @@ from .state import OwnerSites
 _OTHER_RESIZES = {"ops", "_nn", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
                   "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"}
 _WRAPPERS = ("upsample", "upsample_bilinear", "upsample_nearest")
-_BOUND: dict[tuple[Callable, Callable], Callable] = {}
+# class forward -> {interpolate: the bound function}; weak, so that a class defined again (a notebook) is not kept
+_BOUND: weakref.WeakKeyDictionary[Callable, dict[Callable, Callable]] = weakref.WeakKeyDictionary()
 
 
 def binds(module: nn.Module, owner: OwnerSites) -> bool:
@@ -61,12 +63,13 @@ def binds(module: nn.Module, owner: OwnerSites) -> bool:
 
 def bound(function: Callable, interpolate: Callable) -> Callable:
     """``function`` with ``interpolate`` for ``F.interpolate`` in its globals (made once per function)."""
-    found = _BOUND.get((function, interpolate))
+    made = _BOUND.setdefault(function, {})
+    found = made.get(interpolate)
     if found is None:
         wrappers = {name: _with(getattr(F, name), {id(F.interpolate): interpolate}) for name in _WRAPPERS}
         functional = _module_like(F, interpolate=interpolate, **wrappers)
         torch_nn = _module_like(nn, functional=functional)
-        found = _BOUND[(function, interpolate)] = _with(function, {
+        found = made[interpolate] = _with(function, {
             id(F): functional, id(nn): torch_nn, id(torch): _module_like(torch, nn=torch_nn),
             id(F.interpolate): interpolate, **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
     return found
