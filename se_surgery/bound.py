@@ -1,12 +1,12 @@
 """An owner's ``forward`` bound to the runtime's site finder: the class's own ``forward`` function run with a copy of
 its globals in which ``F.interpolate`` (reached as ``F.interpolate``, ``nn.functional.interpolate``,
-``torch.nn.functional.interpolate`` or an imported ``interpolate``, under any alias) is a function the runtime
-gives. The owner's other calls then run at full speed: no ``TorchFunctionMode`` sees them (docs/performance.md
-measures what the mode costs).
+``torch.nn.functional.interpolate``, an imported ``interpolate`` under any alias, or the deprecated ``F.upsample*``)
+is a function the runtime gives. The owner's other calls then run at full speed: no ``TorchFunctionMode`` sees
+them (docs/performance.md measures what the mode costs).
 
 Only where that reaches every site call: :func:`binds` checks the forward's code (every site a resize from the
-class's own ``forward``; no helper method, ``super()``, Python function of its own module, deprecated
-``F.upsample*`` or direct ATen resize on the way; no ``interpolate`` captured in a default or closure). Anything it
+class's own ``forward``; no helper method, ``super()``, Python function of its own module or direct ATen resize
+on the way; no ``interpolate`` captured in a default or closure). Anything it
 cannot see is caught when the equalizers are verified on the example, which then falls back to the mode.
 """
 
