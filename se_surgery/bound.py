@@ -6,15 +6,14 @@ them (docs/performance.md measures what the mode costs).
 
 Only where that reaches every site call: :func:`binds` checks the forward's code (every site a resize from the
 class's own ``forward``; no helper method, ``super()``, Python function of its own module or direct ATen resize
-on the way; no ``interpolate`` captured in a default or closure). Anything it
-cannot see is caught when the equalizers are verified on the example, which then falls back to the mode.
+on the way; no ``interpolate`` captured in a default or closure). Anything it cannot see is caught when the
+equalizers are verified on the example, which then falls back to the mode.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -28,8 +27,8 @@ from .state import OwnerSites
 _OTHER_RESIZES = {"ops", "_nn", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
                   "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"}
 _WRAPPERS = ("upsample", "upsample_bilinear", "upsample_nearest")
-# class forward -> {interpolate: the bound function}; weak, so that a class defined again (a notebook) is not kept
-_BOUND: weakref.WeakKeyDictionary[Callable, dict[Callable, Callable]] = weakref.WeakKeyDictionary()
+# (class forward, interpolate) -> the bound function, made once per owner class in a process
+_BOUND: dict[tuple[Callable, Callable], Callable] = {}
 
 
 def binds(module: nn.Module, owner: OwnerSites) -> bool:
@@ -63,13 +62,12 @@ def binds(module: nn.Module, owner: OwnerSites) -> bool:
 
 def bound(function: Callable, interpolate: Callable) -> Callable:
     """``function`` with ``interpolate`` for ``F.interpolate`` in its globals (made once per function)."""
-    made = _BOUND.setdefault(function, {})
-    found = made.get(interpolate)
+    found = _BOUND.get((function, interpolate))
     if found is None:
         wrappers = {name: _with(getattr(F, name), {id(F.interpolate): interpolate}) for name in _WRAPPERS}
         functional = _module_like(F, interpolate=interpolate, **wrappers)
         torch_nn = _module_like(nn, functional=functional)
-        found = made[interpolate] = _with(function, {
+        found = _BOUND[(function, interpolate)] = _with(function, {
             id(F): functional, id(nn): torch_nn, id(torch): _module_like(torch, nn=torch_nn),
             id(F.interpolate): interpolate, **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
     return found

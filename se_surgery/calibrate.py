@@ -126,6 +126,27 @@ class _AllSeen(Exception):
     error; code of the model that catches it only makes the forward run whole."""
 
 
+class _Pass:
+    """The equalizers one measuring pass watches and which of them have seen the current batch: the last one to see
+    it ends that forward (:class:`_AllSeen`)."""
+
+    def __init__(self, eqs: list[ScaleEqualizer]) -> None:
+        self.count, self.seen = len(eqs), set()
+
+    def saw(self, eq: ScaleEqualizer) -> None:
+        self.seen.add(id(eq))
+        if len(self.seen) == self.count:
+            raise _AllSeen  # (run_batch lets it through; run() ends the forward here)
+
+    def run(self, model: nn.Module, args: tuple, kwargs: dict, norm: str, index: int) -> None:
+        """One batch's forward, until every watched equalizer has seen it."""
+        self.seen.clear()
+        try:
+            run_batch(model, args, kwargs, norm, index)
+        except _AllSeen:
+            pass
+
+
 class _Observer:
     """Watches one equalizer's input (and, for ``scale="restore"``, its resize's input) during calibration; names
     the site when the data is bad."""
@@ -135,8 +156,7 @@ class _Observer:
         self.moments = RunningMoments()
         self.source = RunningMoments() if scale == "restore" else None
         self.batch = 0
-        self.seen: int | None = None             # the last batch it saw
-        self.level: list[_Observer] = [self]     # the observers calibrated in the same pass
+        self.pass_: _Pass | None = None          # the calibration pass it is part of
         self.bad_batch: int | None = None
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None) -> None:
@@ -148,9 +168,8 @@ class _Observer:
             if self.bad_batch is None and not bool(torch.isfinite(moments.mean).all() &
                                                    torch.isfinite(moments.m2).all()):
                 self.bad_batch = self.batch  # NaN/Inf in the input reach the moments; no extra pass over x
-        self.seen = self.batch
-        if all(obs.seen == self.batch for obs in self.level):
-            raise _AllSeen  # (run_batch lets it through; the level's pass ends this forward here)
+        if self.pass_ is not None:
+            self.pass_.saw(self.equalizer)
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The equalizer's ``(mean, std)``: the input's (``scale="unit"``), or for ``"restore"`` the affine map
@@ -247,9 +266,10 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
     """One pass over ``data`` with the norm layers as ``norm`` says ("batch" or "running"): measure the inputs of
     ``targets`` (acting as identity meanwhile), then freeze them. Returns each one's output std on the data."""
     observers = [_Observer(eq, scale) for eq in targets]
+    level = _Pass(targets)
     for eq, obs in zip(targets, observers):
         eq.observer = obs
-        obs.level = observers
+        obs.pass_ = level
     # Sites further downstream, not calibrated yet, pass their input through meanwhile.
     waiting = [eq for eq in equalizers(model) if not eq.is_calibrated and eq.observer is None]
     for eq in waiting:
@@ -261,10 +281,7 @@ def calibrate_level(model: nn.Module, targets: list[ScaleEqualizer], data: Itera
                                                    desc=desc, input_fn=input_fn):
                 for obs in observers:
                     obs.batch = index
-                try:
-                    run_batch(model, args, kwargs, norm, index)
-                except _AllSeen:
-                    pass  # every site of the level has seen this batch: the rest of the forward cannot change them
+                level.run(model, args, kwargs, norm, index)
                 seen += 1
     finally:
         for eq in targets + waiting:
@@ -498,24 +515,18 @@ def watch_pass(model: nn.Module, eqs: list[ScaleEqualizer], hook: Callable, data
     """One pass over at most ``max_batches`` of ``data`` with ``hook`` as a forward hook on every one of ``eqs``
     (they act after their resize meanwhile), the norm layers as ``norm`` says, under ``torch.no_grad()``; each
     forward ends once every one of ``eqs`` has seen its batch."""
-    seen: set[int] = set()
+    watched = _Pass(eqs)
 
     def watch(eq, inputs, out) -> None:
         hook(eq, inputs, out)
-        seen.add(id(eq))
-        if len(seen) == len(eqs):
-            raise _AllSeen  # (every watched equalizer has seen this batch: the forward ends here)
+        watched.saw(eq)
 
     hooks = [eq.register_forward_hook(watch) for eq in eqs]
     try:
         with norm_mode(model, norm, registry(model).frozen_norms), torch.no_grad():
             for index, args, kwargs in input_batches(model, data, max_batches=max_batches, progress=False,
                                                    desc="measuring", input_fn=input_fn):
-                seen.clear()
-                try:
-                    run_batch(model, args, kwargs, norm, index)
-                except _AllSeen:
-                    pass
+                watched.run(model, args, kwargs, norm, index)
     finally:
         for handle in hooks:
             handle.remove()

@@ -225,7 +225,6 @@ def _interpolate(input, *args, **kwargs):
         return F.interpolate(input, *args, **kwargs)
     args = (input, *args)
     interpolating = resize_mode(F.interpolate, args, kwargs)
-    mode.made += 1
     if interpolating is None:
         return F.interpolate(*args, **kwargs)
     _local.handling += 1

@@ -171,9 +171,8 @@ def attach(model: nn.Module, sites: list[Site], per_channel: bool = False,
         reg[name] = equalizer
         owner.add(site, name)
         added.append(equalizer)
-    for site in sites:
-        owner = reg.owners[site.owner]
-        owner.bound = binds(model.get_submodule(site.owner), owner)
+    for path in {site.owner for site in sites}:
+        reg.owners[path].bound = binds(model.get_submodule(path), reg.owners[path])
     _sync_callees(model)
     return added
 
