@@ -54,6 +54,15 @@ def _script(name: str, *args: str, cwd: Path) -> str:
     return done.stdout
 
 
+def _report(name: str, data: list[Path], out: Path) -> str:
+    """``results.md`` as ``examples/NAME.py --report --out OUT`` writes it from copies of the ``data`` files."""
+    out.mkdir(exist_ok=True)
+    for path in data:
+        (out / path.name).write_text(path.read_text())
+    _script(name, "--report", "--out", str(out), cwd=out)
+    return (out / "results.md").read_text()
+
+
 @pytest.mark.docs
 def test_the_method_pages_variance_table_is_the_exact_prediction():
     # docs/method.md section 1: per axis E[(1-t)^2 + t^2] and the 2-D ratio, inside the image (exact to 3 digits).
@@ -75,9 +84,7 @@ def test_the_method_pages_variance_table_is_the_exact_prediction():
 def test_the_evidence_pages_are_what_the_report_makes_of_the_rows(tmp_path):
     # Round 3: docs/evidence/results.md, its section in docs/evidence/README.md and the README's headline table are
     # regenerated from results.jsonl (exact: the rows are the data); the plot is drawn again.
-    (tmp_path / "results.jsonl").write_text((ROOT / "docs" / "evidence" / "results.jsonl").read_text())
-    _script("evidence", "--report", "--out", str(tmp_path), cwd=tmp_path)
-    made = (tmp_path / "results.md").read_text()
+    made = _report("evidence", [ROOT / "docs" / "evidence" / "results.jsonl"], tmp_path)
     assert made == (ROOT / "docs" / "evidence" / "results.md").read_text()
     assert made == _section(ROOT / "docs" / "evidence" / "README.md", "evidence")
     assert (tmp_path / "evidence.png").stat().st_size > 10_000
@@ -88,12 +95,9 @@ def test_the_evidence_pages_are_what_the_report_makes_of_the_rows(tmp_path):
     assert headline.returncode == 0, headline.stderr[-2000:]
     assert headline.stdout == _section(ROOT / "README.md", "evidence-headline")
     # Round 4: its report from its rows.
-    rows = tmp_path / "round4"
-    rows.mkdir()
-    for path in (ROOT / "docs" / "evidence" / "round4").glob("rows-*.jsonl"):
-        (rows / path.name).write_text(path.read_text())
-    _script("round4", "--report", "--out", str(rows), cwd=tmp_path)
-    assert (rows / "results.md").read_text() == (ROOT / "docs" / "evidence" / "round4" / "results.md").read_text()
+    round4 = ROOT / "docs" / "evidence" / "round4"
+    assert _report("round4", sorted(round4.glob("rows-*.jsonl")), tmp_path / "round4") == \
+        (round4 / "results.md").read_text()
 
 
 @pytest.mark.docs
@@ -193,9 +197,7 @@ def test_the_variance_table_of_the_evidence_page_is_what_its_command_prints(tmp_
 def test_the_finetune_results_are_what_the_report_makes_of_the_log(tmp_path):
     # docs/finetune/: results.md and the plot from log.json (exact: the log is the data; the training itself takes
     # a quarter of an hour and is not rerun here); docs/evidence/README.md quotes the table.
-    (tmp_path / "log.json").write_text((ROOT / "docs" / "finetune" / "log.json").read_text())
-    _script("finetune_experiment", "--report", "--out", str(tmp_path), cwd=tmp_path)
-    made = (tmp_path / "results.md").read_text()
+    made = _report("finetune_experiment", [ROOT / "docs" / "finetune" / "log.json"], tmp_path)
     assert made == (ROOT / "docs" / "finetune" / "results.md").read_text()
     table = [line for line in made.splitlines() if line.startswith("|")]
     assert "\n".join(table) in (ROOT / "docs" / "evidence" / "README.md").read_text()
