@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMMANDS = [
     ("`se-surgery demo`", [str(BIN / "se-surgery"), "demo", "--quiet"]),
-    ("`se-surgery inspect --model 'smp:UPerNet?encoder_name=resnet18&classes=5' --synthetic 8 --size 128 --plot "
-     "scales.png`", [str(BIN / "se-surgery"), "inspect", "--model", "smp:UPerNet?encoder_name=resnet18&classes=5",
+    ("`se-surgery inspect --model 'smp:PSPNet?encoder_name=resnet18&classes=5' --synthetic 8 --size 128 --plot "
+     "scales.png`", [str(BIN / "se-surgery"), "inspect", "--model", "smp:PSPNet?encoder_name=resnet18&classes=5",
                      "--synthetic", "8", "--size", "128", "--plot", "/tmp/se_surgery_scales.png", "--quiet"]),
     ("fast tier: `python -m pytest -q -m \"not slow\"`", [sys.executable, "-m", "pytest", "-q", "-m", "not slow",
                                                         "-p", "no:cacheprovider"]),

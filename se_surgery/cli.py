@@ -12,7 +12,11 @@ from .synthetic import synthetic_segmentation
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Equalize a zoo UPerNet on generated data, calibrate, take one fine-tuning step, print the sites."""
+    """Equalize a zoo PSPNet on generated data, calibrate, take one fine-tuning step, print the sites.
+
+    PSPNet: its pyramid's upsampled levels meet at one concatenation (the final merge), the placement the evidence
+    supports (docs/evidence); UPerNet's chained top-down additions lose there.
+    """
     import torch
 
     import se_surgery as se
@@ -24,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     torch.manual_seed(0)
     size, classes = args.size, 5
-    model = smp.UPerNet("resnet18", encoder_weights=None, classes=classes)  # random weights: nothing downloaded
+    model = smp.PSPNet("resnet18", encoder_weights=None, classes=classes)  # random weights: nothing downloaded
     images, masks = synthetic_segmentation(args.batches * 2, size, classes)
     calibration = [images[i:i + 2] for i in range(0, len(images), 2)]
     start = time.perf_counter()
@@ -276,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  se-surgery demo\n"
                "  se-surgery inspect --model torchvision:deeplabv3_resnet50 --data images/ --plot scales.png\n"
-               "  se-surgery equalize --model 'smp:UPerNet?encoder_name=resnet18&classes=19' --weights trained.pt "
+               "  se-surgery equalize --model 'smp:PSPNet?encoder_name=resnet18&classes=19' --weights trained.pt "
                "--data images/ -o equalized.pt\n"
-               "  se-surgery export --model 'smp:UPerNet?encoder_name=resnet18&classes=19' --weights equalized.pt "
+               "  se-surgery export --model 'smp:PSPNet?encoder_name=resnet18&classes=19' --weights equalized.pt "
                "--static -o model.onnx\n"
                "  se-surgery fold exported.onnx -o folded.onnx\n"
                "Run 'se-surgery COMMAND --help' for a command's options. Exit codes: 0 done, 1 the work failed "
@@ -296,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                                    parents=[common])
 
-    demo = command("demo", "equalize a random-weight smp UPerNet on generated data, print the sites and the "
+    demo = command("demo", "equalize a random-weight smp PSPNet on generated data, print the sites and the "
                            "branch scales before/after (no downloads)")
     demo.add_argument("--size", type=int, default=128, help="image size (a multiple of 32; default 128)")
     demo.add_argument("--batches", type=int, default=4, help="calibration batches of 2 images (default 4)")

@@ -24,8 +24,9 @@ def test_the_scales_page_example_is_what_its_command_prints(tmp_path):
     done = subprocess.run([sys.executable, "-m", "se_surgery.cli", "--quiet", *command, "--markdown"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| decoder.call0_fusion4 |")]
-    before, after = rows[:4], rows[4:8]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()
+            if line.startswith("| decoder.psp.call0_fusion0 |")]
+    before, after = rows[:len(rows) // 2], rows[len(rows) // 2:]
     measured = {r[1].strip(): (float(r[6]), float(a[6]), float(r[8]), float(a[8])) for r, a in zip(before, after)}
     table = {}
     for line in page.splitlines():
