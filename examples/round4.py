@@ -328,13 +328,51 @@ def verdict(table: dict, adjusted: dict) -> tuple[str, str]:
     return best, why + ("" if gained else ": no placement gains reliably")
 
 
-def report(args) -> str:
-    rows = read(args.out)
+def judged(rows: list[dict]) -> tuple:
+    """What the report prints, computed once: (runs per model, the main table, the long phase's pairs, the
+    secondary differences, every interval's test, Holm-adjusted p-values, whether the main phase is complete)."""
     runs = {m: static_arms(m)[0] for m in MODELS}
     table = values(rows, runs, SETTINGS["steps"])
     long_pairs = pairs(rows, LONG_STEPS)
     extra = secondary(rows)
     tests, adjusted = family(table, runs, long_pairs, extra)
+    complete = all(len(arms[a]) == len(SEEDS) for arms in table.values() for a in PLACEMENTS)
+    return runs, table, long_pairs, extra, tests, adjusted, complete
+
+
+def headline(rows: list[dict]) -> str:
+    """The README's round-4 section: per configuration and placement the mean paired difference (bold where its
+    Holm-adjusted p < ALPHA), the decision rule's verdict and the secondary comparison."""
+    runs, table, _, extra, tests, adjusted, complete = judged(rows)
+    lines = ["| model | data | seeds | " + " | ".join(f"`{a}`" for a in PLACEMENTS) + " |",
+             "|---|---|---|" + "---|" * len(PLACEMENTS)]
+    for (model, data), arms in table.items():
+        cells = []
+        for arm in PLACEMENTS:
+            key = ((model, data), arm)
+            if runs[model][arm] == "baseline" or arms[arm] and not any(arms[arm]):
+                cells.append("0")
+            elif key in tests:
+                text = f"{tests[key][0]:+.4f}"
+                cells.append(f"**{text}**" if adjusted[key] < ALPHA else text)
+            else:
+                cells.append("-")
+        lines.append(f"| {model} | {data} | {len(arms['every'])} | " + " | ".join(cells) + " |")
+    state = "final" if complete else f"provisional, {len(rows)} rows: the main phase is not complete"
+    if any(arms["every"] for arms in table.values()):
+        best, why = verdict(table, adjusted)
+        lines += ["", f"Decision rule ({state}): the default placement is `{best}`: {why}.", ""]
+    for (model, data), diffs in extra.items():
+        if (key := ("secondary", (model, data))) in tests:
+            mean, half, _ = tests[key]
+            lines.append(f"- {model}/{data}, `{SECONDARY[1]}` minus `{SECONDARY[2]}` (the chained additions' share): "
+                         f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] ({len(diffs)} seeds).")
+    return "\n".join(lines) + "\n"
+
+
+def report(args) -> str:
+    rows = read(args.out)
+    runs, table, long_pairs, extra, tests, adjusted, complete = judged(rows)
     distinct = sum(1 for k in tests if k[0] in ("long", "secondary") or runs[k[0][0]][k[1]] == k[1])
     lines = [f"Round 4 ({len(rows)} rows; plan: docs/evidence/round4-plan.md). Arm minus its own baseline, test "
              f"mIoU: mean [95% t interval] (paired seeds) and the Holm-adjusted p over all {distinct} distinct "
@@ -368,7 +406,6 @@ def report(args) -> str:
             mean, half, _ = tests[key]
             lines += ["", f"Secondary: {model}/{data}, {SECONDARY[1]} minus {SECONDARY[2]} (paired within seed): "
                           f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] ({len(diffs)}) p={adjusted[key]:.2g}"]
-    complete = all(len(arms[a]) == len(SEEDS) for arms in table.values() for a in PLACEMENTS)
     if any(arms["every"] for arms in table.values()):
         best, why = verdict(table, adjusted)
         lines += ["", f"Decision rule ({'final' if complete else 'provisional: the main phase is not complete'}): "
@@ -377,6 +414,8 @@ def report(args) -> str:
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
+    if args.out.resolve() == OUT.resolve():
+        ev._between(ev.ROOT / "README.md", "round4-headline", headline(rows))
     print(text)
     return text
 

@@ -95,10 +95,15 @@ def test_the_evidence_pages_are_what_the_report_makes_of_the_rows(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert headline.returncode == 0, headline.stderr[-2000:]
     assert headline.stdout == _section(ROOT / "README.md", "evidence-headline")
-    # Round 4: its report from its rows.
+    # Round 4: its report and the README's section from its rows.
     round4 = ROOT / "docs" / "evidence" / "round4"
     assert _report("round4", sorted(round4.glob("rows-*.jsonl")), tmp_path / "round4") == \
         (round4 / "results.md").read_text()
+    section = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'examples'); import round4 as r; "
+         "print(r.headline(r.read(r.OUT)), end='')"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert section.returncode == 0, section.stderr[-2000:]
+    assert section.stdout == _section(ROOT / "README.md", "round4-headline")
 
 
 @pytest.mark.docs
