@@ -158,6 +158,32 @@ def test_the_calibration_pages_table_is_what_its_command_measures():
 
 
 @pytest.mark.docs
+def test_the_calibration_pages_spread_warning_is_what_equalize_warns():
+    # docs/calibration.md's example warning: the Larger decoder of tests/test_norms.py as the page describes it
+    # (seeded; the figures to the digits shown, another CPU may move the last one).
+    import warnings
+
+    import torch
+    from test_norms import Larger
+
+    import se_surgery as se
+
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        se.equalize(Larger(), (data[0],), data, progress=False)
+    (warned,) = [str(w.message) for w in caught if "further apart" in str(w.message)]
+    page = (ROOT / "docs" / "calibration.md").read_text()
+    block = " ".join(re.search(r"```text\nUserWarning: (se_surgery: in 1 of 1 fusion\(s\) of Larger.*?)```", page,
+                               re.S).group(1).split())
+    number = r"[0-9.]+"
+    assert re.sub(number, "#", block) == re.sub(number, "#", warned)
+    shown, got = (list(map(float, re.findall(r"\d+\.?\d*(?=x|,|\))", t))) for t in (block, warned))
+    assert got == pytest.approx(shown, rel=0.02)
+
+
+@pytest.mark.docs
 @pytest.mark.slow
 def test_the_limits_pages_preserve_figure_is_what_equalize_reports():
     # docs/limits.md: how far preserve_function moves smp UPerNet's output (relative to its max abs), eval and
