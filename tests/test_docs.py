@@ -158,6 +158,30 @@ def test_the_calibration_pages_table_is_what_its_command_measures():
 
 
 @pytest.mark.docs
+def test_the_zoo_pages_site_counts_are_the_ones_the_zoo_tests_find():
+    # docs/zoo.md's table against tests/zoo.py's SITES, which tests/test_zoo.py checks on every model (exact).
+    from zoo import SITES
+
+    rows = {}
+    for line in (ROOT / "docs" / "zoo.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 4 and cells[3][:1].isdigit():
+            rows[(cells[0], re.search(r"`([^`]+)`", cells[1]).group(1))] = int(cells[3].split()[0].rstrip(","))
+    prefixes = {"torchvision": "tv_", "smp": "smp_", "transformers": "hf_"}
+    names = {"tv_deeplabv3_resnet50": "tv_deeplabv3", "tv_lraspp_mobilenet_v3_large": "tv_lraspp",
+             "tv_fcn_resnet50": "tv_fcn", "hf_UperNetForSemanticSegmentation": "hf_upernet_convnext",
+             "hf_SegformerForSemanticSegmentation": "hf_segformer", "hf_DPTForSemanticSegmentation": "hf_dpt"}
+    checked = 0
+    for (zoo, model), count in rows.items():
+        name = prefixes.get(zoo, "") + model
+        name = names.get(name, name)
+        if name in SITES:
+            assert SITES[name] == count, (zoo, model)
+            checked += 1
+    assert checked >= 12
+
+
+@pytest.mark.docs
 def test_the_calibration_pages_spread_warning_is_what_equalize_warns():
     # docs/calibration.md's example warning: the Larger decoder of tests/test_norms.py as the page describes it
     # (seeded; the figures to the digits shown, another CPU may move the last one).
