@@ -182,6 +182,23 @@ def test_the_zoo_pages_site_counts_are_the_ones_the_zoo_tests_find():
 
 
 @pytest.mark.docs
+def test_the_method_pages_where_table_is_what_the_zoo_tests_choose():
+    # docs/method.md's `where=` table against tests/test_where.py's ZOO (checked on each model at two sizes).
+    from test_where import ZOO
+
+    columns = ["smp_UPerNet", "smp_FPN", "smp_DeepLabV3Plus", "tv_deeplabv3", "hf_segformer"]
+    shown: dict[str, dict[str, int]] = {name: {} for name in columns}
+    for line in (ROOT / "docs" / "method.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 7 and cells[0].startswith('`"') and cells[2][:1].isdigit():
+            presets = re.findall(r'"(\w+)"', cells[0])
+            for name, cell in zip(columns, cells[2:]):
+                for preset, count in zip(presets, cell.split(" / ")):
+                    shown[name][preset] = int(count.split()[0])
+    assert shown == ZOO
+
+
+@pytest.mark.docs
 def test_the_calibration_pages_spread_warning_is_what_equalize_warns():
     # docs/calibration.md's example warning: the Larger decoder of tests/test_norms.py as the page describes it
     # (seeded; the figures to the digits shown, another CPU may move the last one).
