@@ -1,7 +1,9 @@
 """An owner's ``forward`` bound to the runtime's site finder: the class's own ``forward`` function run with a copy of
 its globals in which ``F.interpolate`` (reached as ``F.interpolate``, ``nn.functional.interpolate``,
 ``torch.nn.functional.interpolate``, an imported ``interpolate`` under any alias, or the deprecated ``F.upsample*``)
-is a function the runtime gives. The owner's other calls then run at full speed: no ``TorchFunctionMode`` sees
+is a function the runtime gives; the other names its code reads are copied again from their modules at each call.
+(Copies, not a mapping that reads through: torch.compile, which runs such a function after a graph break, reads and
+writes a frame's globals as a plain dict.) The owner's other calls then run at full speed: no ``TorchFunctionMode`` sees
 them (docs/performance.md measures what the mode costs).
 
 Only where that reaches every site call: :func:`binds` checks the forward's code (every site a resize from the
@@ -38,12 +40,7 @@ def binds(module: nn.Module, owner: OwnerSites) -> bool:
         return False
     if any(key.op != "resize" or key.source.rpartition("+")[0] != function.__qualname__ for key in owner.sites):
         return False
-    names = set()
-    codes = [function.__code__]
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    names = _names(function.__code__)
     if "super" in names or names & _OTHER_RESIZES:
         return False
     for name in names:
@@ -61,16 +58,48 @@ def binds(module: nn.Module, owner: OwnerSites) -> bool:
 
 
 def bound(function: Callable, interpolate: Callable) -> Callable:
-    """``function`` with ``interpolate`` for ``F.interpolate`` in its globals (made once per function)."""
+    """``function`` with ``interpolate`` for ``F.interpolate`` in its globals (made once per function; the names its
+    code reads are refreshed from their modules at each call, so a global set or a torch function patched after the
+    first call is seen as the plain class sees it)."""
     found = _BOUND.get((function, interpolate))
     if found is None:
         wrappers = {name: _with(getattr(F, name), {id(F.interpolate): interpolate}) for name in _WRAPPERS}
         functional = _module_like(F, interpolate=interpolate, **wrappers)
         torch_nn = _module_like(nn, functional=functional)
-        found = _BOUND[(function, interpolate)] = _with(function, {
-            id(F): functional, id(nn): torch_nn, id(torch): _module_like(torch, nn=torch_nn),
-            id(F.interpolate): interpolate, **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
-    return found
+        torch_like = _module_like(torch, nn=torch_nn)
+        made = _with(function, {id(F): functional, id(nn): torch_nn, id(torch): torch_like,
+                                id(F.interpolate): interpolate,
+                                **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
+        read = _names(function.__code__)
+        kept = {k for k, v in made.__globals__.items() if v is not function.__globals__.get(k)}  # (replaced)
+        found = _BOUND[(function, interpolate)] = made, tuple(
+            (copy, source, tuple(sorted(read - replaced))) for copy, source, replaced in (
+                (made.__globals__, function.__globals__, kept),
+                (vars(functional), vars(F), {"interpolate", *_WRAPPERS}),
+                (vars(torch_nn), vars(nn), {"functional"}),
+                (vars(torch_like), vars(torch), {"nn"})))
+    made, refresh = found
+    for copy, source, names in refresh:
+        for name in names:
+            value = source.get(name, _ABSENT)
+            if value is _ABSENT:
+                copy.pop(name, None)
+            else:
+                copy[name] = value
+    return made
+
+
+_ABSENT = object()
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a function's code reads, its nested functions' included."""
+    names, codes = set(), [code]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
 
 
 def _with(function: types.FunctionType, replaced: dict[int, object]) -> types.FunctionType:

@@ -2,6 +2,7 @@
 decorators, ``super().forward``), subclasses of ``nn.Upsample``, and how a call reaches it."""
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -657,6 +658,37 @@ def test_an_owner_runs_bound_where_its_forward_reaches_every_site_and_in_its_mod
             eq(x)
     out = torch.cat(seen)
     assert len(seen) == len(data) and abs(out.mean().item()) < 1e-4 and abs(out.std(unbiased=False).item() - 1) < 1e-3
+
+
+_GAIN = 1.0  # read by _ReadsAGlobal.forward at each call
+
+
+class _ReadsAGlobal(nn.Module):
+    """Its forward reads a module-level setting that the user may change between calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.pa, self.pb, self.fuse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        up = F.interpolate(self.pb(x), scale_factor=2, mode="bilinear")
+        return self.fuse(torch.cat([self.pa(x) * _GAIN, up], 1))
+
+
+def test_a_bound_owner_reads_the_globals_of_its_module_as_they_are_at_each_call(monkeypatch):
+    data = _data()
+    eq = se.equalize(_ReadsAGlobal().eval(), (data[0],), data, progress=False)
+    assert eq.scale_equalizers.owners[""].bound
+    folded = se.fold(eq)  # (the 1x1 fusion conv takes the equalizer: the class's own forward, no runtime)
+    with torch.no_grad():
+        torch.testing.assert_close(eq(data[0]), folded(data[0]), rtol=1e-4, atol=1e-5)
+        monkeypatch.setattr(sys.modules[__name__], "_GAIN", 3.0)
+        changed = eq(data[0])
+        torch.testing.assert_close(changed, folded(data[0]), rtol=1e-4, atol=1e-5)
+        calls, cat = [], torch.cat  # torch's own names are read when used, too (a user's patch of torch.cat)
+        monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or cat(*a, **k))
+        torch.testing.assert_close(eq(data[0]), changed)
+        assert calls
 
 
 @pytest.mark.slow
