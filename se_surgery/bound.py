@@ -29,8 +29,8 @@ from .state import OwnerSites
 _OTHER_RESIZES = {"ops", "_nn", "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
                   "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"}
 _WRAPPERS = ("upsample", "upsample_bilinear", "upsample_nearest")
-# (class forward, interpolate) -> the bound function, made once per owner class in a process
-_BOUND: dict[tuple[Callable, Callable], Callable] = {}
+# (class forward, interpolate) -> (the bound function, the names to refresh per call), made once per owner class
+_BOUND: dict[tuple[Callable, Callable], tuple[Callable, tuple]] = {}
 
 
 def binds(module: nn.Module, owner: OwnerSites) -> bool:
