@@ -14,6 +14,7 @@ equalizers are verified on the example, which then falls back to the mode.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import types
 from collections.abc import Callable
@@ -71,13 +72,13 @@ def bound(function: Callable, interpolate: Callable) -> Callable:
                                 id(F.interpolate): interpolate,
                                 **{id(getattr(F, name)): wrappers[name] for name in _WRAPPERS}})
         read = _names(function.__code__)
-        kept = {k for k, v in made.__globals__.items() if v is not function.__globals__.get(k)}  # (replaced)
-        found = _BOUND[(function, interpolate)] = made, tuple(
-            (copy, source, tuple(sorted(read - replaced))) for copy, source, replaced in (
-                (made.__globals__, function.__globals__, kept),
-                (vars(functional), vars(F), {"interpolate", *_WRAPPERS}),
-                (vars(torch_nn), vars(nn), {"functional"}),
-                (vars(torch_like), vars(torch), {"nn"})))
+        ours = {k for k, v in made.__globals__.items() if v is not function.__globals__.get(k)}
+        found = _BOUND[(function, interpolate)] = made, tuple(  # (the names the code reads that the source holds)
+            (copy, source, tuple(sorted(names - replaced))) for copy, source, names, replaced in (
+                (made.__globals__, function.__globals__, _names(function.__code__, globals_only=True), ours),
+                (vars(functional), vars(F), read & vars(F).keys(), {"interpolate", *_WRAPPERS}),
+                (vars(torch_nn), vars(nn), read & vars(nn).keys(), {"functional"}),
+                (vars(torch_like), vars(torch), read & vars(torch).keys(), {"nn"})))
     made, refresh = found
     for copy, source, names in refresh:
         for name in names:
@@ -92,14 +93,21 @@ def bound(function: Callable, interpolate: Callable) -> Callable:
 _ABSENT = object()
 
 
-def _names(code: types.CodeType) -> set[str]:
-    """The global and attribute names a function's code reads, its nested functions' included."""
+def _names(code: types.CodeType, globals_only: bool = False) -> set[str]:
+    """The global and attribute names a function's code reads (only those it reads or writes as globals, with
+    ``globals_only``), its nested functions' included."""
     names, codes = set(), [code]
     while codes:
         code = codes.pop()
-        names.update(code.co_names)
+        if globals_only:
+            names.update(i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS)
+        else:
+            names.update(code.co_names)
         codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
     return names
+
+
+_GLOBAL_OPS = {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"}
 
 
 def _with(function: types.FunctionType, replaced: dict[int, object]) -> types.FunctionType:
